@@ -1,0 +1,13 @@
+import sys
+from pathlib import Path
+
+# The repository root holds the top-level packages (backbones, losses, dataset, utils).
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+# Reference files written by the real third-party tools (mxnet, Python 2).
+SHARED_TESTDATA = ROOT.parent / "shared" / "testdata"

@@ -1,0 +1,106 @@
+"""Shared helpers for the tests: the one way to run multi-process gloo cases.
+
+`run_distributed(fn, world_size, *args)` starts `world_size` fresh processes
+(spawn), sets torchrun's environment variables in each, builds the
+`DistContext` with `utils.distributed.init_distributed()`, calls
+`fn(ctx, *args)` and returns the list of return values ordered by rank.
+An exception in any worker fails the calling test with that worker's traceback.
+`fn` must be a module-level function (it is pickled by name).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, fn, args, queue):
+    import torch
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)  # 2 cores shared by all workers
+    from utils.distributed import cleanup_distributed, init_distributed
+
+    try:
+        ctx = init_distributed(timeout_minutes=2, device="cpu")
+        result = fn(ctx, *args)
+        queue.put((rank, True, result))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+        raise
+    finally:
+        cleanup_distributed()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 300):
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=True)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    results, errors = {}, []
+    while not queue.empty():
+        rank, ok, payload = queue.get()
+        if ok:
+            results[rank] = payload
+        else:
+            errors.append(f"rank {rank}:\n{payload}")
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            errors.append(f"a worker did not finish within {timeout}s")
+            break
+    if errors:
+        raise AssertionError("distributed worker failed:\n" + "\n".join(errors))
+    missing = [r for r in range(world_size) if r not in results]
+    if missing:
+        codes = [p.exitcode for p in procs]
+        raise AssertionError(f"ranks {missing} returned nothing (exit codes {codes})")
+    return [results[r] for r in range(world_size)]
+
+
+def run_script(args, *, cwd=REPO_ROOT, env=None, timeout=600, check=True):
+    """Run a command (list) with the test interpreter's environment; return CompletedProcess."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full_env.update(env)
+    proc = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+PYTHON = sys.executable

@@ -1,0 +1,96 @@
+"""The one place that knows how this process was launched.
+
+`init_distributed()` reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, MASTER_ADDR/PORT); without it the run is a single process and
+no process group is created. Everything else receives the resulting
+`DistContext` as an argument instead of reading globals.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None  # None: single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -> DistContext:
+    """Set up this process from the launcher's environment.
+
+    NCCL with one GPU per local rank when CUDA is available, gloo on CPU
+    otherwise. `device` ("cpu"/"cuda") forces the device type. With no launcher
+    (or WORLD_SIZE=1) no process group is created.
+    """
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size if world_size > 1 else 1)
+
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+
+    backend = None
+    if world_size > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        if not dist.is_initialized():
+            kwargs = {}
+            if backend == "nccl":
+                kwargs["device_id"] = dev  # binds the communicator to this GPU eagerly
+            dist.init_process_group(
+                backend=backend,
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+                **kwargs,
+            )
+    return DistContext(rank, local_rank, world_size, local_world_size, dev, backend)
+
+
+def cleanup_distributed(ctx: DistContext | None = None) -> None:
+    """Destroy the process group if this process created one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float, ctx: DistContext) -> float:
+    """Average a Python number over all ranks (used for logging only)."""
+    if not ctx.is_distributed:
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return float(t.item()) / ctx.world_size
