@@ -1,0 +1,69 @@
+"""Defaults for every experiment. An experiment module sets only what differs.
+
+Keys up to `val_targets` are insightface's (arcface_torch/configs/base.py and its
+experiment configs) with the same names and meanings; the keys below them are
+this project's additions.
+"""
+from utils.config import Config
+
+config = Config()
+
+# --- insightface keys -------------------------------------------------------
+config.margin_list = (1.0, 0.5, 0.0)  # (m1, m2, m3): cos(m1*theta + m2) - m3; ArcFace
+config.network = "r50"
+config.resume = False  # continue from the checkpoints in `output`
+config.save_all_states = False  # also write per-rank resume states (checkpoint_gpu_{rank}.pt)
+config.output = None  # default: work_dirs/<config name>
+config.embedding_size = 512
+
+# Partial FC
+config.sample_rate = 1.0  # fraction of class centres used per step (positives always kept)
+config.interclass_filtering_threshold = 0.0  # 0: off
+
+config.fp16 = False  # CUDA: float16 autocast + GradScaler
+config.batch_size = 128  # per process
+
+config.optimizer = "sgd"  # or "adamw" (lr ~1e-3, weight_decay ~0.1)
+config.lr = 0.1
+config.momentum = 0.9
+config.weight_decay = 5e-4
+
+config.verbose = 2000  # evaluate the verification sets every `verbose` steps
+config.frequent = 10  # log every `frequent` steps
+config.dali = False  # NVIDIA DALI data pipeline (GPU, needs nvidia-dali)
+config.gradient_acc = 1  # batches per optimizer step
+config.seed = 2048
+config.num_workers = 2
+
+# Accepted so that insightface config modules load unchanged; wandb is not a
+# dependency of this project (TensorBoard logs go to <output>/tensorboard).
+config.wandb_key = "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"
+config.suffix_run_name = None
+config.using_wandb = False
+config.wandb_entity = "entity"
+config.wandb_project = "project"
+config.wandb_log_all = True
+config.save_artifacts = False
+config.wandb_resume = False
+
+config.rec = "synthetic"  # a RecordIO folder, an image folder, or "synthetic" (random tensors)
+config.num_classes = None  # None: read from the data set
+config.num_image = None  # None: read from the data set
+config.num_epoch = 20
+config.warmup_epoch = 0
+config.val_targets = []  # e.g. ["lfw", "cfp_fp", "agedb_30"]: <rec>/<name>.bin
+
+# --- this project's keys ----------------------------------------------------
+config.margin_scale = 64.0  # s of the margin softmax
+config.clip_grad_norm = 5.0  # max L2 norm of the backbone gradient; 0 disables
+config.dropout = 0.0  # before the backbone's embedding layer
+config.precision = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp16 if fp16=True on CUDA, else bf16 where fast, else fp32)
+config.channels_last = True  # NHWC memory format for the convolutional backbones
+config.compile = False  # torch.compile the backbone
+config.gradient_checkpointing = None  # None: the backbone's default (on for vit_b/l/h)
+config.eval_at_start = False  # evaluate val_targets before the first step
+config.skip_bad_images = False  # skip undecodable images (warn and count) instead of stopping
+config.max_steps = None  # cap the number of optimizer steps (quick runs); None: full schedule
+config.device = None  # None: CUDA when available, else CPU
+config.dist_timeout_minutes = 30.0
+config.synthetic_faces = None  # dict of tools/make_synthetic_faces.py parameters: generate `rec` if missing

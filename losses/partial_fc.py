@@ -1,0 +1,230 @@
+"""PartialFC: a margin-softmax classification head whose class centres are sharded across ranks.
+
+Each rank holds the centres of a contiguous class range (the same split as
+insightface, so its per-rank `weight` shards are interchangeable with ours). The
+embeddings and labels of the whole global batch are all-gathered, every rank
+computes the cosine logits against its own centres, and the softmax
+cross-entropy is computed across shards with an all_reduce of the row maxima and
+of the exponential sums. Nothing of size [batch x all classes] ever exists on
+one rank.
+
+With sample_rate < 1 each rank keeps every class that occurs in the global batch
+plus random negatives, up to sample_rate * num_local centres (Partial FC, An et
+al.). Only those rows are gathered, they receive a *sparse* row gradient, and the
+optimizer (utils.optim) updates only them -- no dense gradient or optimizer work
+over the whole shard.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from losses.margin import CombinedMarginLoss
+
+
+def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(class_start, num_local) of `rank`: the first C % W ranks get one extra class."""
+    num_local = num_classes // world_size + int(rank < num_classes % world_size)
+    class_start = num_classes // world_size * rank + min(rank, num_classes % world_size)
+    return class_start, num_local
+
+
+def _distributed(world_size: int) -> bool:
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+class _GatherEmbeddings(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums the gradients of all ranks and
+    returns this rank's slice multiplied by the world size.
+
+    The multiplication is what makes DDP's *averaging* of the backbone gradients
+    come out as the gradient of the mean loss over the global batch: every rank's
+    backbone only sees its own samples, so their gradients must be summed, not
+    averaged.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+        ctx.world_size, ctx.rank, ctx.local_batch = world_size, rank, tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        b = ctx.local_batch
+        if dist.get_backend() == "nccl":
+            out = torch.empty((b, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+            dist.reduce_scatter_tensor(out, grad)
+        else:  # gloo has no reduce_scatter: reduce everything, keep our slice
+            dist.all_reduce(grad)
+            out = grad[ctx.rank * b : (ctx.rank + 1) * b]
+        return out * ctx.world_size, None, None
+
+
+def _gather_labels(labels: torch.Tensor, world_size: int) -> torch.Tensor:
+    parts = [torch.empty_like(labels) for _ in range(world_size)]
+    dist.all_gather(parts, labels.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean softmax cross-entropy over a batch whose classes are split across ranks.
+
+    `logits` [N, k] are this rank's columns; `labels` [N] the target column on this
+    rank or -1. The logits buffer is turned into the softmax in place and reused
+    for the gradient, so the step holds one [N, k] matrix instead of three.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, world_size: int) -> torch.Tensor:
+        distributed = _distributed(world_size)
+        n = logits.shape[0]
+        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
+        target = torch.zeros(n, dtype=logits.dtype, device=logits.device)
+        target[rows] = logits[rows, labels[rows]]
+
+        row_max = logits.max(dim=1, keepdim=True).values
+        if distributed:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
+            dist.all_reduce(target)  # each row's target lives on exactly one rank
+        logits.sub_(row_max).exp_()
+        sum_exp = logits.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(sum_exp)
+        logits.div_(sum_exp)
+
+        # -log softmax(target) = log(sum exp) + max - target: exact, no clamping of tiny
+        # probabilities (which is where insightface's loss of 69.0776 comes from).
+        loss = (sum_exp.log() + row_max).squeeze(1) - target
+        # autograd requires a tensor modified in place to be returned; the softmax is
+        # returned as a second, non-differentiable output.
+        ctx.mark_dirty(logits)
+        ctx.mark_non_differentiable(logits)
+        ctx.save_for_backward(logits, rows, labels)
+        return loss.mean(), logits
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor, _grad_softmax: torch.Tensor | None = None):
+        softmax, rows, labels = ctx.saved_tensors
+        grad = softmax  # reuse the buffer: d loss / d logits = (softmax - onehot) / N
+        grad[rows, labels[rows]] -= 1.0
+        grad.mul_(grad_output / softmax.shape[0])
+        return grad, None, None
+
+
+class PartialFC(nn.Module):
+    """Model-parallel margin-softmax head.
+
+    forward(local_embeddings [B, D], local_labels [B]) -> scalar loss, the mean over
+    the global batch of B * world_size samples (equal on every rank).
+
+    `weight` [num_local, D] holds this rank's centres, classes
+    [class_start, class_start + num_local). rank/world_size default to the
+    initialised process group (or 0/1 without one).
+    """
+
+    def __init__(
+        self,
+        margin_loss: CombinedMarginLoss,
+        embedding_size: int,
+        num_classes: int,
+        sample_rate: float = 1.0,
+        fp16: bool = False,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        check_labels: bool = True,
+    ):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if world_size > 1 else 0
+        if num_classes < world_size:
+            raise ValueError(f"num_classes ({num_classes}) must be at least the world size ({world_size})")
+        self.margin_loss = margin_loss
+        self.embedding_size = embedding_size
+        self.num_classes = num_classes
+        self.sample_rate = float(sample_rate)
+        self.fp16 = fp16
+        self.rank, self.world_size = rank, world_size
+        self.check_labels = check_labels
+        self.class_start, self.num_local = shard_range(num_classes, rank, world_size)
+        self.num_sample = max(1, int(self.sample_rate * self.num_local))
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
+        self.last_num_sampled = self.num_local  # for logging
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}, "
+            f"world_size={self.world_size}, class_start={self.class_start}, num_local={self.num_local}, "
+            f"sample_rate={self.sample_rate}"
+        )
+
+    def _validate_labels(self, labels: torch.Tensor) -> None:
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bool(bad.any()):
+            value = int(labels[bad][0])
+            raise ValueError(
+                f"label {value} is outside [0, num_classes={self.num_classes}): the data set has more "
+                f"classes than the config's num_classes, or a corrupt label"
+            )
+
+    def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the centres to use this step: all positives plus random negatives.
+
+        local_targets [N]: shard-local class index or -1. Returns (sorted row indices
+        into `weight`, targets remapped to positions in that index, -1 kept).
+        """
+        positive = torch.unique(local_targets[local_targets >= 0], sorted=True)
+        if positive.numel() >= self.num_sample:
+            index = positive
+        else:
+            scores = torch.rand(self.num_local, device=local_targets.device)
+            scores[positive] = 2.0  # above any random score: positives are always kept
+            index = torch.topk(scores, k=self.num_sample, sorted=False).indices.sort().values
+        remapped = local_targets.clone()
+        hit = local_targets >= 0
+        remapped[hit] = torch.searchsorted(index, local_targets[hit])
+        return index, remapped
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        local_labels = local_labels.view(-1).long()
+        if local_embeddings.shape[0] != local_labels.shape[0]:
+            raise ValueError(
+                f"got {local_embeddings.shape[0]} embeddings but {local_labels.shape[0]} labels"
+            )
+        if _distributed(self.world_size):
+            embeddings = _GatherEmbeddings.apply(local_embeddings, self.world_size, self.rank)
+            labels = _gather_labels(local_labels, self.world_size)
+        else:
+            embeddings, labels = local_embeddings, local_labels
+        if self.check_labels:
+            self._validate_labels(labels)
+
+        local_targets = labels - self.class_start
+        on_this_rank = (local_targets >= 0) & (local_targets < self.num_local)
+        local_targets = torch.where(on_this_rank, local_targets, torch.full_like(local_targets, -1))
+
+        if self.sample_rate < 1.0:
+            index, local_targets = self.sample(local_targets)
+            # embedding(sparse=True) gives `weight` a sparse gradient holding only these rows.
+            centres = F.embedding(index, self.weight, sparse=True)
+            self.last_num_sampled = int(index.numel())
+        else:
+            centres = self.weight
+
+        device_type = local_embeddings.device.type
+        low_precision = torch.float16 if device_type == "cuda" else torch.bfloat16
+        with torch.autocast(device_type=device_type, dtype=low_precision, enabled=self.fp16):
+            logits = F.linear(F.normalize(embeddings), F.normalize(centres))
+        logits = logits.float()
+        logits = self.margin_loss(logits, local_targets)
+        loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
+        return loss

@@ -1,0 +1,137 @@
+"""Optimizers whose update of a row-sparse gradient touches only the sampled rows.
+
+PartialFC with sample_rate < 1 gives its class-centre matrix a sparse COO
+gradient holding the rows used in this step. `torch.optim.SGD`/`AdamW` cannot
+apply momentum or weight decay to such gradients, and densifying them would
+bring back the cost that sampling is meant to remove. The classes below are
+the stock optimizers (fused/foreach kernels for every dense parameter) plus an
+exact per-row update for sparse ones, as the Partial FC paper describes:
+momentum, weight decay and Adam moments change for exactly the sampled rows;
+unsampled rows and their optimizer state are left untouched.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+
+class _RowSparseMixin:
+    # GradScaler must unscale and check for inf itself before calling step(): the
+    # row update does not take the fused kernels' grad_scale/found_inf arguments.
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._step_supports_amp_scaling = False  # the fused constructors set it to True
+
+    def _pop_sparse_grads(self) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+        hidden = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    hidden.append((group, p, p.grad))
+                    p.grad = None  # the stock step() skips parameters without a gradient
+        return hidden
+
+    def step(self, closure=None):
+        hidden = self._pop_sparse_grads()
+        try:
+            self._before_dense_step()
+            loss = super().step(closure)
+        finally:
+            for _, p, grad in hidden:
+                p.grad = grad
+        with torch.no_grad():
+            for group, p, grad in hidden:
+                grad = grad.coalesce()
+                rows = grad.indices()[0]
+                if rows.numel():
+                    self._row_update(group, p, rows, grad.values())
+        return loss
+
+    def _before_dense_step(self) -> None:
+        pass
+
+
+class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
+    """torch.optim.SGD; a parameter with a sparse row gradient gets, for its rows r only:
+    g = grad[r] + wd * w[r];  buf[r] = momentum * buf[r] + g;  w[r] -= lr * buf[r]."""
+
+    def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        if group["nesterov"] or group["maximize"] or group["dampening"] != 0:
+            raise ValueError("sampled-row SGD supports plain momentum only (no nesterov, maximize or dampening)")
+        lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        update = grad_rows.to(p.dtype)
+        if wd != 0:
+            update = update.add(p.index_select(0, rows), alpha=wd)
+        if momentum != 0:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # A never-updated row has buf = 0, so its first step is buf = g, as in torch.
+            update = buf.index_select(0, rows).mul_(momentum).add_(update)
+            buf.index_copy_(0, rows, update)
+        p.index_add_(0, rows, update, alpha=-lr)
+
+
+class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
+    """torch.optim.AdamW; a parameter with a sparse row gradient keeps per-row step
+    counts, and for its rows r only: decoupled decay w[r] *= 1 - lr*wd, then the Adam
+    step from its moments m[r], v[r] with bias correction by the row's own count."""
+
+    def _before_dense_step(self) -> None:
+        # A shard trained with sampling and continued without it: torch's AdamW needs a
+        # scalar step; the most-updated row's count is the closest equivalent.
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if p.grad is not None and state and "row_step" in state:
+                    state["step"] = torch.tensor(float(state.pop("row_step").max()))
+
+    def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        if group["amsgrad"] or group["maximize"]:
+            raise ValueError("sampled-row AdamW does not support amsgrad or maximize")
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        state = self.state[p]
+        if "row_step" not in state:
+            scalar_step = float(state.pop("step", 0))  # continuing a dense run: keep its count
+            state["row_step"] = torch.full((p.shape[0],), scalar_step, dtype=torch.float32, device=p.device)
+            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+        grad_rows = grad_rows.to(p.dtype)
+        step = state["row_step"].index_select(0, rows).add_(1.0)
+        state["row_step"].index_copy_(0, rows, step)
+        m = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        bias1 = (1 - beta1 ** step).unsqueeze(1)
+        bias2 = (1 - beta2 ** step).unsqueeze(1)
+        w = p.index_select(0, rows).mul_(1 - lr * wd)
+        w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
+        p.index_copy_(0, rows, w)
+
+
+def build_optimizer(
+    name: str,
+    backbone_params: Iterable[torch.nn.Parameter],
+    head_params: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    device_type: str = "cpu",
+) -> torch.optim.Optimizer:
+    """One optimizer, two parameter groups (backbone, PartialFC head), as insightface has."""
+    groups = [
+        {"params": [p for p in backbone_params if p.requires_grad], "name": "backbone"},
+        {"params": list(head_params), "name": "partial_fc"},
+    ]
+    # Fused kernels exist for CUDA and CPU; foreach elsewhere.
+    impl = {"fused": True} if device_type in ("cuda", "cpu") else {"foreach": True}
+    if name == "sgd":
+        return SampledRowSGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **impl)
+    if name == "adamw":
+        return SampledRowAdamW(groups, lr=lr, weight_decay=weight_decay, **impl)
+    raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
