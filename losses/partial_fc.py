@@ -224,7 +224,8 @@ class PartialFC(nn.Module):
         low_precision = torch.float16 if device_type == "cuda" else torch.bfloat16
         with torch.autocast(device_type=device_type, dtype=low_precision, enabled=self.fp16):
             logits = F.linear(F.normalize(embeddings), F.normalize(centres))
-        logits = logits.float()
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # margin and softmax always in full precision
         logits = self.margin_loss(logits, local_targets)
         loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
         return loss

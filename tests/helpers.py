@@ -10,7 +10,10 @@ An exception in any worker fails the calling test with that worker's traceback.
 from __future__ import annotations
 
 import os
+import pickle
+import queue as queue_module
 import socket
+import time
 import subprocess
 import sys
 import traceback
@@ -44,7 +47,8 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         ctx = init_distributed(timeout_minutes=2, device="cpu")
         result = fn(ctx, *args)
-        queue.put((rank, True, result))
+        # Plain pickle: tensors travel by value, not as shared memory that dies with this process.
+        queue.put((rank, True, pickle.dumps(result)))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
         raise
@@ -54,7 +58,7 @@ def _worker(rank, world_size, port, fn, args, queue):
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 300):
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=True)
@@ -62,20 +66,31 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300):
     ]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout)
+    # Drain the queue before joining: a worker blocks in put() until its message is read.
     results, errors = {}, []
-    while not queue.empty():
-        rank, ok, payload = queue.get()
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world_size:
+        try:
+            rank, ok, payload = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [p.exitcode for p in procs if not p.is_alive() and p.exitcode != 0]
+            if dead:
+                errors.append(f"a worker died without reporting (exit codes {dead})")
+                break
+            if time.monotonic() > deadline:
+                errors.append(f"a worker did not report within {timeout}s")
+                break
+            continue
         if ok:
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         else:
             errors.append(f"rank {rank}:\n{payload}")
+        if errors:  # the others may be stuck in a collective waiting for the failed rank
+            break
     for p in procs:
+        p.join(5 if errors else max(1.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
-            errors.append(f"a worker did not finish within {timeout}s")
-            break
     if errors:
         raise AssertionError("distributed worker failed:\n" + "\n".join(errors))
     missing = [r for r in range(world_size) if r not in results]
