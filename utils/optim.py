@@ -86,7 +86,7 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
             for p in group["params"]:
                 state = self.state.get(p)
                 if p.grad is not None and state and "row_step" in state:
-                    state["step"] = torch.tensor(float(state.pop("row_step").max()))
+                    state["step"] = torch.as_tensor(float(state.pop("row_step").max()))
 
     def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
         if group["amsgrad"] or group["maximize"]:
@@ -95,13 +95,16 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         state = self.state[p]
         if "row_step" not in state:
-            scalar_step = float(state.pop("step", 0))  # continuing a dense run: keep its count
+            scalar_step = float(state.get("step", 0))  # continuing a dense run: keep its count
             state["row_step"] = torch.full((p.shape[0],), scalar_step, dtype=torch.float32, device=p.device)
             state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
             state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
         grad_rows = grad_rows.to(p.dtype)
         step = state["row_step"].index_select(0, rows).add_(1.0)
         state["row_step"].index_copy_(0, rows, step)
+        # torch's Adam expects a scalar "step" in every state (load_state_dict checks it);
+        # here it counts the optimizer steps that touched this parameter at all.
+        state["step"] = torch.as_tensor(float(state.get("step", 0)) + 1.0)
         m = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
         v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
         state["exp_avg"].index_copy_(0, rows, m)

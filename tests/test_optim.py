@@ -1,0 +1,134 @@
+"""Sampled-row optimizer semantics: only the sampled rows and their state change."""
+import io
+
+import pytest
+import torch
+
+from losses import CombinedMarginLoss, PartialFC
+from utils.optim import SampledRowAdamW, SampledRowSGD, build_optimizer
+
+
+def _sparse_rows(rows, values, shape):
+    idx = torch.tensor([rows])
+    return torch.sparse_coo_tensor(idx, values, shape, check_invariants=True)
+
+
+def _grads(seed, rows, dim=3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(len(rows), dim, generator=g, dtype=torch.float64)
+
+
+STEPS = [[1, 4], [4, 7], [1, 4, 8]]
+
+
+def _manual_sgd(w0, lr, momentum, wd):
+    w = w0.clone()
+    buf = torch.zeros_like(w)
+    for i, rows in enumerate(STEPS):
+        g = _grads(i, rows)
+        for j, r in enumerate(rows):
+            d = g[j] + wd * w[r]
+            buf[r] = momentum * buf[r] + d
+            w[r] -= lr * buf[r]
+    return w, buf
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_sgd_updates_exactly_the_sampled_rows(fused):
+    w0 = torch.randn(10, 3, dtype=torch.float64)
+    p = torch.nn.Parameter(w0.clone())
+    opt = SampledRowSGD([p], lr=0.1, momentum=0.9, weight_decay=0.01, fused=fused)
+    for i, rows in enumerate(STEPS):
+        p.grad = _sparse_rows(rows, _grads(i, rows), p.shape)
+        before = p.detach().clone()
+        buf_before = opt.state[p]["momentum_buffer"].clone() if opt.state[p] else torch.zeros_like(w0)
+        opt.step()
+        untouched = [r for r in range(10) if r not in rows]
+        assert torch.equal(p.detach()[untouched], before[untouched])
+        assert torch.equal(opt.state[p]["momentum_buffer"][untouched], buf_before[untouched])
+    ref_w, ref_buf = _manual_sgd(w0, 0.1, 0.9, 0.01)
+    torch.testing.assert_close(p.detach(), ref_w)
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_buf)
+    assert torch.equal(p.detach()[[0, 2, 3, 5, 6, 9]], w0[[0, 2, 3, 5, 6, 9]])
+
+
+def test_dense_parameters_follow_stock_sgd_and_adamw():
+    torch.manual_seed(0)
+    for ours, stock, kw in [
+        (SampledRowSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=5e-4)),
+        (SampledRowAdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    ]:
+        a = torch.nn.Parameter(torch.randn(4, 5))
+        b = torch.nn.Parameter(a.detach().clone())
+        oa, ob = ours([a], **kw), stock([b], **kw)
+        for _ in range(3):
+            g = torch.randn(4, 5)
+            a.grad, b.grad = g.clone(), g.clone()
+            oa.step()
+            ob.step()
+        torch.testing.assert_close(a, b)
+
+
+def test_adamw_rows_use_their_own_step_counts():
+    w0 = torch.randn(10, 3, dtype=torch.float64)
+    p = torch.nn.Parameter(w0.clone())
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    opt = SampledRowAdamW([p], **kw)
+    refs = {r: torch.nn.Parameter(w0[r : r + 1].clone()) for r in range(10)}
+    ref_opts = {r: torch.optim.AdamW([refs[r]], **kw) for r in range(10)}
+    for i, rows in enumerate(STEPS):
+        g = _grads(i, rows)
+        p.grad = _sparse_rows(rows, g, p.shape)
+        opt.step()
+        for j, r in enumerate(rows):  # a row's history is a dense AdamW over its own steps only
+            refs[r].grad = g[j : j + 1].clone()
+            ref_opts[r].step()
+    for r in range(10):
+        torch.testing.assert_close(p.detach()[r : r + 1], refs[r].detach())
+    assert opt.state[p]["row_step"].tolist() == [0, 2, 0, 0, 3, 0, 0, 1, 1, 0]
+    assert torch.all(opt.state[p]["exp_avg"][[0, 2, 3, 5, 6, 9]] == 0)
+
+
+def test_partial_fc_step_touches_only_sampled_class_centres():
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(8, 16)
+    pfc = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 16, 200, sample_rate=0.1)
+    opt = build_optimizer("sgd", backbone.parameters(), pfc.parameters(), lr=0.1, weight_decay=5e-4)
+    before = pfc.weight.detach().clone()
+    loss = pfc(backbone(torch.randn(6, 8)), torch.randint(0, 200, (6,)))
+    loss.backward()
+    assert pfc.weight.grad.is_sparse
+    sampled = pfc.weight.grad.coalesce().indices()[0]
+    assert sampled.numel() == 20
+    opt.step()
+    changed = (pfc.weight.detach() != before).any(dim=1).nonzero().view(-1)
+    assert torch.equal(changed, sampled.sort().values)
+    buf = opt.state[pfc.weight]["momentum_buffer"]
+    assert torch.equal((buf != 0).any(dim=1).nonzero().view(-1), changed)
+    assert all(p.grad is not None for p in backbone.parameters())
+
+
+def test_state_dict_round_trip_continues_identically():
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(10, 3, dtype=torch.float64))
+    o1 = SampledRowAdamW([p1], lr=1e-2)
+    p1.grad = _sparse_rows([2, 3], _grads(0, [2, 3]), p1.shape)
+    o1.step()
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    o2 = SampledRowAdamW([p2], lr=1e-2)
+    buffer = io.BytesIO()  # as a checkpoint on disk would
+    torch.save(o1.state_dict(), buffer)
+    buffer.seek(0)
+    o2.load_state_dict(torch.load(buffer, weights_only=True))
+    for p, o in ((p1, o1), (p2, o2)):
+        p.grad = _sparse_rows([3, 5], _grads(1, [3, 5]), p.shape)
+        o.step()
+    torch.testing.assert_close(p1, p2)
+
+
+def test_unsupported_row_options_fail_clearly():
+    p = torch.nn.Parameter(torch.randn(4, 2))
+    opt = SampledRowSGD([p], lr=0.1, momentum=0.9, nesterov=True)
+    p.grad = _sparse_rows([1], torch.randn(1, 2), p.shape)
+    with pytest.raises(ValueError, match="nesterov"):
+        opt.step()
