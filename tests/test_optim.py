@@ -132,3 +132,34 @@ def test_unsupported_row_options_fail_clearly():
     p.grad = _sparse_rows([1], torch.randn(1, 2), p.shape)
     with pytest.raises(ValueError, match="nesterov"):
         opt.step()
+
+
+@pytest.mark.parametrize("cls", [SampledRowSGD, SampledRowAdamW])
+@pytest.mark.parametrize("fused", [True, False])
+def test_found_inf_voids_the_whole_step(cls, fused):
+    torch.manual_seed(0)
+    dense = torch.nn.Parameter(torch.randn(4, 3))
+    rows = torch.nn.Parameter(torch.randn(10, 3))
+    kw = dict(momentum=0.9) if cls is SampledRowSGD else {}
+    opt = cls([dense, rows], lr=0.1, weight_decay=0.01, fused=fused, **kw)
+
+    def set_grads():
+        dense.grad = torch.randn(4, 3)
+        rows.grad = _sparse_rows([2, 5], torch.randn(2, 3), rows.shape)
+
+    set_grads()
+    opt.step()  # creates optimizer state
+    snapshot = [dense.detach().clone(), rows.detach().clone()]
+    state = {(i, k): v.clone() for i, s in enumerate(opt.state.values()) for k, v in s.items() if torch.is_tensor(v)}
+    set_grads()
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    del opt.found_inf
+    assert torch.equal(dense.detach(), snapshot[0]) and torch.equal(rows.detach(), snapshot[1])
+    after = {(i, k): v for i, s in enumerate(opt.state.values()) for k, v in s.items() if torch.is_tensor(v)}
+    assert state.keys() == after.keys()
+    assert all(torch.equal(state[k], after[k]) for k in state if k[1] != "step"), "state changed on a void step"
+    assert all(torch.equal(state[k], after[k]) for k in state if k[1] == "step" and k[0] == 0)
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert not torch.equal(dense.detach(), snapshot[0]) and not torch.equal(rows.detach(), snapshot[1])

@@ -33,6 +33,15 @@ class _RowSparseMixin:
         return hidden
 
     def step(self, closure=None):
+        # `found_inf` (set by the training loop, or by GradScaler on fused optimizers): a
+        # float tensor, non-zero when this step must not change anything. The fused
+        # kernels and the row update skip on the device; other kernels need the host.
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and not all(group.get("fused") for group in self.param_groups):
+            if bool(found_inf):
+                return None
+            found_inf = None
+            del self.found_inf
         hidden = self._pop_sparse_grads()
         try:
             self._before_dense_step()
@@ -41,12 +50,20 @@ class _RowSparseMixin:
             for _, p, grad in hidden:
                 p.grad = grad
         with torch.no_grad():
+            skip = None if found_inf is None else found_inf.reshape(()) > 0
             for group, p, grad in hidden:
                 grad = grad.coalesce()
                 rows = grad.indices()[0]
                 if rows.numel():
-                    self._row_update(group, p, rows, grad.values())
+                    self._row_update(group, p, rows, grad.values(), skip)
         return loss
+
+    @staticmethod
+    def _write_rows(target: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, skip) -> None:
+        """target[rows] = new, unless `skip` (a device bool) says the step is void."""
+        if skip is not None:
+            new = torch.where(skip, target.index_select(0, rows), new)
+        target.index_copy_(0, rows, new)
 
     def _before_dense_step(self) -> None:
         pass
@@ -56,13 +73,14 @@ class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
     """torch.optim.SGD; a parameter with a sparse row gradient gets, for its rows r only:
     g = grad[r] + wd * w[r];  buf[r] = momentum * buf[r] + g;  w[r] -= lr * buf[r]."""
 
-    def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor, skip=None) -> None:
         if group["nesterov"] or group["maximize"] or group["dampening"] != 0:
             raise ValueError("sampled-row SGD supports plain momentum only (no nesterov, maximize or dampening)")
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+        weights = p.index_select(0, rows)
         update = grad_rows.to(p.dtype)
         if wd != 0:
-            update = update.add(p.index_select(0, rows), alpha=wd)
+            update = update.add(weights, alpha=wd)
         if momentum != 0:
             state = self.state[p]
             buf = state.get("momentum_buffer")
@@ -70,8 +88,8 @@ class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
                 buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # A never-updated row has buf = 0, so its first step is buf = g, as in torch.
             update = buf.index_select(0, rows).mul_(momentum).add_(update)
-            buf.index_copy_(0, rows, update)
-        p.index_add_(0, rows, update, alpha=-lr)
+            self._write_rows(buf, rows, update, skip)
+        self._write_rows(p, rows, weights.add_(update, alpha=-lr), skip)
 
 
 class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
@@ -88,7 +106,7 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
                 if p.grad is not None and state and "row_step" in state:
                     state["step"] = torch.as_tensor(float(state.pop("row_step").max()))
 
-    def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor, skip=None) -> None:
         if group["amsgrad"] or group["maximize"]:
             raise ValueError("sampled-row AdamW does not support amsgrad or maximize")
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
@@ -101,19 +119,19 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
             state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
         grad_rows = grad_rows.to(p.dtype)
         step = state["row_step"].index_select(0, rows).add_(1.0)
-        state["row_step"].index_copy_(0, rows, step)
+        m = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
+        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
+        bias1 = (1 - beta1**step).unsqueeze(1)
+        bias2 = (1 - beta2**step).unsqueeze(1)
+        w = p.index_select(0, rows).mul_(1 - lr * wd)
+        w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
+        self._write_rows(state["row_step"], rows, step, skip)
+        self._write_rows(state["exp_avg"], rows, m, skip)
+        self._write_rows(state["exp_avg_sq"], rows, v, skip)
+        self._write_rows(p, rows, w, skip)
         # torch's Adam expects a scalar "step" in every state (load_state_dict checks it);
         # here it counts the optimizer steps that touched this parameter at all.
         state["step"] = torch.as_tensor(float(state.get("step", 0)) + 1.0)
-        m = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
-        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
-        bias1 = (1 - beta1 ** step).unsqueeze(1)
-        bias2 = (1 - beta2 ** step).unsqueeze(1)
-        w = p.index_select(0, rows).mul_(1 - lr * wd)
-        w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
-        p.index_copy_(0, rows, w)
 
 
 def build_optimizer(
@@ -128,7 +146,9 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """One optimizer, two parameter groups (backbone, PartialFC head), as insightface has."""
     groups = [
-        {"params": [p for p in backbone_params if p.requires_grad], "name": "backbone"},
+        # All parameters, frozen ones too, in module order: the same parameter indices as
+        # insightface's optimizer, so its resume states map onto ours.
+        {"params": list(backbone_params), "name": "backbone"},
         {"params": list(head_params), "name": "partial_fc"},
     ]
     # Fused kernels exist for CUDA and CPU; foreach elsewhere.

@@ -1,0 +1,575 @@
+#!/usr/bin/env python
+"""Train an ArcFace face-recognition model.
+
+    torchrun --nproc_per_node=8 train.py configs/ms1mv3_r50 [--key=value ...]
+    python train.py configs/demo.py                       # one process
+
+Reads top to bottom as the algorithm: configuration, distributed set-up, data,
+model and margin-softmax head, optimizer and schedule, resume, the training
+loop (forward, loss, backward, optimizer step, logging, evaluation,
+checkpoints), then the final weights and the ONNX export.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+from utils.config import ConfigError, Config, format_config, load_config, save_config
+from utils.distributed import DistContext, cleanup_distributed, init_distributed
+
+# Errors caused by the user's input (config, data, checkpoints): one line, exit code 2.
+EXIT_USER_ERROR = 2
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    parser = argparse.ArgumentParser(
+        description="Train an ArcFace model. Any config key can be overridden with --key=value.",
+        usage="train.py CONFIG [--key=value ...]",
+    )
+    parser.add_argument("config", help="configs/ms1mv3_r50, configs/ms1mv3_r50.py or a path to a config module")
+    args, overrides = parser.parse_known_args(argv)
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+    ctx = init_distributed(timeout_minutes=cfg.dist_timeout_minutes, device=cfg.device)
+    try:
+        return train(cfg, ctx)
+    except _user_errors() as exc:
+        print(f"error{f' (rank {ctx.rank})' if ctx.world_size > 1 else ''}: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    finally:
+        cleanup_distributed(ctx)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from dataset import DataError
+    from utils.checkpoint import CheckpointError
+
+    return (ConfigError, CheckpointError, DataError, UserInputError)
+
+
+class UserInputError(ValueError):
+    """A problem with the run's input found by the training script itself."""
+
+
+class _StopRequest:
+    """SIGTERM (pre-emption) sets a flag; the loop checkpoints at the next agreed step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def install(self) -> None:
+        self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self, ctx: DistContext) -> bool:
+        """True on every rank when any rank was asked to stop (collective)."""
+        if not ctx.is_distributed:
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=ctx.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg: Config, ctx: DistContext) -> int:
+    # Imported here so that `--help` and config errors answer without loading the heavy modules.
+    from backbones import get_model
+    from dataset import get_dataloader, inspect_dataset
+    from losses import CombinedMarginLoss, PartialFC
+    from utils import checkpoint as ckpt
+    from utils.amp import resolve_precision
+    from utils.eval_callback import VerificationCallback
+    from utils.log import SpeedMeter, format_duration, setup_logging
+    from utils.lr_scheduler import PolyScheduler, plan_steps
+    from utils.onnx_export import export_onnx
+    from utils.optim import build_optimizer
+
+    device = ctx.device
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = bool(cfg.resume) or restarted  # an elastic restart always continues its own run
+
+    # ---- checks that must pass before anything in the output folder is written or changed
+    _check_output_folder(cfg.output, ctx)
+    if not resume and ckpt.has_checkpoints(cfg.output):
+        raise UserInputError(
+            f"output folder {cfg.output} already holds checkpoints of a run; pass --resume=True to "
+            f"continue it, or choose another --output"
+        )
+    precision = resolve_precision(cfg.precision, cfg.fp16, device)
+    _prepare_synthetic_faces(cfg, ctx)
+    num_classes, num_image = _check_dataset(cfg, inspect_dataset)
+
+    global_batch = cfg.batch_size * ctx.world_size
+    steps_per_epoch, total_steps, warmup_steps = plan_steps(
+        num_image, global_batch, cfg.num_epoch, cfg.warmup_epoch, cfg.gradient_acc
+    )
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+        warmup_steps = min(warmup_steps, total_steps - 1)
+
+    # ---- logging (rank 0 only)
+    if ctx.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
+    ctx.barrier()
+    logger = setup_logging(cfg.output, ctx.rank)
+    if ctx.is_main:
+        save_config(cfg, os.path.join(cfg.output, "config.json"))
+        logger.info("config %s\n%s", cfg.config_file, format_config(cfg))
+        logger.info(
+            "world size %d (%s, %s) | global batch %d | %d steps per epoch | total_step %d | warmup_step %d | precision %s",
+            ctx.world_size, ctx.backend or "single process", device, global_batch * cfg.gradient_acc,
+            steps_per_epoch, total_steps, warmup_steps, precision.name,
+        )
+        if cfg.using_wandb:
+            logger.warning("using_wandb is set but wandb is not supported; metrics go to TensorBoard in %s/tensorboard", cfg.output)
+
+    _seed_everything(cfg.seed + ctx.rank)
+
+    # ---- data
+    loader = get_dataloader(
+        cfg.rec, ctx.local_rank, cfg.batch_size, dali=cfg.dali, seed=cfg.seed, num_workers=cfg.num_workers,
+        rank=ctx.rank, world_size=ctx.world_size, device=device, num_classes=num_classes,
+        skip_bad_images=cfg.skip_bad_images,
+    )
+
+    # ---- model: backbone (data parallel) and PartialFC head (model parallel)
+    backbone = get_model(
+        cfg.network, dropout=cfg.dropout, fp16=False, num_features=cfg.embedding_size,
+        **({} if cfg.gradient_checkpointing is None else {"gradient_checkpointing": cfg.gradient_checkpointing}),
+    ).to(device)
+    use_channels_last = cfg.channels_last and not cfg.network.startswith("vit")
+    if use_channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+
+    margin = CombinedMarginLoss(
+        cfg.margin_scale, *cfg.margin_list, interclass_filtering_threshold=cfg.interclass_filtering_threshold
+    )
+    partial_fc = PartialFC(
+        margin, cfg.embedding_size, num_classes, cfg.sample_rate, fp16=precision.low_precision,
+        rank=ctx.rank, world_size=ctx.world_size,
+        # On CUDA the per-step label check would stall the host; the data set checks labels there.
+        check_labels=device.type != "cuda",
+    ).to(device)
+
+    # ---- resume, or start from pretrained weights
+    start_epoch, start_batch, global_step = 0, 0, 0
+    resume_state = None
+    if resume:
+        resume_state, cset = ckpt.load_newest(cfg.output, ctx, logger, map_location="cpu", loader=_resume_loader())
+        if resume_state is None:
+            logger.info("resume requested but %s holds no usable checkpoint: starting from scratch", cfg.output)
+        else:
+            _check_compatible(resume_state, cfg, num_classes, cset)
+            if "state_dict_backbone" in resume_state:
+                backbone.load_state_dict(resume_state["state_dict_backbone"], strict=True)
+            partial_fc.load_state_dict(resume_state["state_dict_softmax_fc"], strict=True)
+            start_epoch = int(resume_state["epoch"])
+            start_batch = int(resume_state.get("batch_in_epoch", 0))
+            global_step = int(resume_state["global_step"])
+            logger.info("resumed from %s: epoch %d, batch %d, global step %d", cset.path, start_epoch, start_batch, global_step)
+    if resume_state is None:
+        _load_pretrained(cfg, backbone, partial_fc, logger)
+
+    backbone_module = backbone  # the plain module: what is saved, evaluated and exported
+    model = torch.compile(backbone) if cfg.compile else backbone
+    if ctx.is_distributed:
+        # DDP broadcasts rank 0's weights now, so only rank 0 needs to load them on resume.
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
+            bucket_cap_mb=16,
+        )
+
+    optimizer = build_optimizer(
+        cfg.optimizer, backbone_module.parameters(), partial_fc.parameters(),
+        lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, device_type=device.type,
+    )
+    scheduler = PolyScheduler(optimizer, cfg.lr, total_steps, warmup_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["state_optimizer"])
+        scheduler.load_state_dict(resume_state["state_lr_scheduler"])
+        for group in optimizer.param_groups:  # the scheduler's lr for the next step
+            group["lr"] = scheduler.lr_at(scheduler.last_epoch)
+        if scaler is not None and resume_state.get("state_scaler"):
+            scaler.load_state_dict(resume_state["state_scaler"])
+        if "rng" in resume_state:
+            ckpt.restore_rng_state(resume_state["rng"], device)
+        resume_state = None  # free the memory
+
+    # ---- evaluation and TensorBoard
+    writer = None
+    if ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
+    rec_dir = cfg.rec if os.path.isdir(cfg.rec) else os.path.dirname(os.path.abspath(cfg.rec))
+    verification = VerificationCallback(
+        list(cfg.val_targets), rec_dir, ctx, summary_writer=writer, batch_size=min(cfg.batch_size, 256),
+        logger=logger, amp_dtype=precision.autocast_dtype,
+    )
+
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=precision.autocast_dtype))
+        if precision.low_precision else contextlib.nullcontext
+    )
+    stop = _StopRequest()
+    stop.install()
+    meter = SpeedMeter(global_batch * cfg.gradient_acc, total_steps, start_step=global_step)
+    nonfinite = _NonFiniteGuard(cfg.max_nonfinite_steps, device)
+    first_eval = last_eval = None
+    last_eval_step = -1
+
+    def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        state = {
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "global_step": global_step,
+            "world_size": ctx.world_size,
+            "rank": ctx.rank,
+            "state_dict_softmax_fc": partial_fc.state_dict(),
+            "partial_fc": {
+                "class_start": partial_fc.class_start, "num_local": partial_fc.num_local,
+                "num_classes": num_classes, "embedding_size": cfg.embedding_size,
+            },
+            "state_optimizer": optimizer.state_dict(),
+            "state_lr_scheduler": scheduler.state_dict(),
+            "state_scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": ckpt.capture_rng_state(device),
+            "run": {
+                "network": cfg.network, "embedding_size": cfg.embedding_size, "num_classes": num_classes,
+                "global_batch_size": global_batch, "gradient_acc": cfg.gradient_acc,
+                "total_steps": total_steps,
+            },
+        }
+        if ctx.is_main:
+            state["state_dict_backbone"] = backbone_module.state_dict()
+        path = ckpt.save_set(
+            cfg.output, global_step, state, ctx, keep=cfg.keep_checkpoints,
+            mirror_top_level=cfg.save_all_states, logger=logger,
+        )
+        if ctx.is_main:
+            ckpt.atomic_save(backbone_module.state_dict(), os.path.join(cfg.output, "model.pt"))
+            logger.info("checkpoint saved: %s", path)
+
+    if cfg.eval_at_start and global_step == 0:
+        first_eval = verification(0, backbone_module)
+        last_eval_step = 0
+
+    # ---- the training loop
+    backbone.train()
+    partial_fc.train()
+    finished = global_step >= total_steps
+    stopped_early = False
+    epoch = start_epoch
+    batches_per_epoch = steps_per_epoch * cfg.gradient_acc  # whole optimizer steps only
+    for epoch in range(start_epoch, cfg.num_epoch):
+        if finished or stopped_early:
+            break
+        first_batch = start_batch if epoch == start_epoch else 0
+        loader.set_epoch(epoch, start_batch=first_batch)
+        batch_in_epoch = first_batch
+        for images, labels in loader:
+            if batch_in_epoch >= batches_per_epoch:
+                break
+            batch_in_epoch += 1
+            optimizer_step = batch_in_epoch % cfg.gradient_acc == 0
+            if use_channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+
+            # Between optimizer steps DDP must not all-reduce: gradients only accumulate.
+            sync = contextlib.nullcontext() if optimizer_step or not ctx.is_distributed else model.no_sync()
+            with sync:
+                with autocast():
+                    embeddings = model(images)
+                loss = partial_fc(embeddings, labels)
+                # Each batch contributes 1/gradient_acc so that the step sees the mean loss.
+                scaled = loss / cfg.gradient_acc
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            meter.add_loss(loss)
+            nonfinite.observe_loss(loss)
+            if not optimizer_step:
+                continue
+
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if cfg.clip_grad_norm and cfg.clip_grad_norm > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(backbone_module.parameters(), cfg.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the update when the scaled gradients overflowed
+                scaler.update()
+            else:
+                nonfinite.step(optimizer, grad_norm)  # skips the update when loss or gradients are not finite
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            global_step += 1
+            epoch_done = batch_in_epoch >= batches_per_epoch
+            finished = global_step >= total_steps
+
+            if global_step % cfg.frequent == 0 or finished:
+                report = meter.report(global_step)
+                nonfinite.check(global_step)
+                if ctx.is_main:
+                    _log_progress(logger, writer, report, global_step, total_steps, epoch, optimizer, scaler, nonfinite, format_duration)
+                if stop.agreed(ctx):
+                    stopped_early = True
+            if global_step % cfg.verbose == 0 and not finished:
+                last_eval = verification(global_step, backbone_module)
+                last_eval_step = global_step
+                backbone.train()
+            at_interval = cfg.save_every_steps > 0 and global_step % cfg.save_every_steps == 0
+            if at_interval or epoch_done or finished or stopped_early:
+                # The position saved is where the next run continues: the next batch of this
+                # epoch, or the start of the next epoch.
+                save_checkpoint(epoch + 1, 0) if epoch_done else save_checkpoint(epoch, batch_in_epoch)
+            if finished or stopped_early:
+                break
+
+    if stopped_early:
+        logger.info("stopped by SIGTERM at step %d; the checkpoint above continues the run (--resume=True)", global_step)
+        if writer is not None:
+            writer.close()
+        return 0
+
+    # ---- final evaluation, weights and ONNX
+    if last_eval_step != global_step:
+        last_eval = verification(global_step, backbone_module)
+    if ctx.is_main:
+        model_path = os.path.join(cfg.output, "model.pt")
+        ckpt.atomic_save(backbone_module.state_dict(), model_path)
+        onnx_path = export_onnx(backbone_module, os.path.join(cfg.output, "model.onnx"))
+        logger.info("saved %s and %s", model_path, onnx_path)
+        _log_summary(logger, first_eval, last_eval, global_step)
+    if writer is not None:
+        writer.close()
+    ctx.barrier()
+    return 0
+
+
+# ---- helpers of train(), in the order they are used -------------------------------------
+
+def _check_output_folder(output: str, ctx: DistContext) -> None:
+    """The output folder must be creatable and writable (checked without leaving anything behind)."""
+    if not ctx.is_main:
+        return
+    existing = output
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing) or "."
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise UserInputError(f"output {output} exists and is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing or "."):
+            pass
+    except OSError as exc:
+        raise UserInputError(f"output folder {output} is not writable: {exc.strerror or exc}") from None
+
+
+def _prepare_synthetic_faces(cfg: Config, ctx: DistContext) -> None:
+    """Generate the embedded synthetic-faces data set into `rec` if the config asks for it."""
+    if not cfg.synthetic_faces:
+        return
+    if ctx.is_main:
+        from dataset.synthetic_faces import materialize
+
+        materialize(cfg.rec, **cfg.synthetic_faces)
+    ctx.barrier()
+
+
+def _check_dataset(cfg: Config, inspect_dataset) -> tuple[int, int]:
+    """num_classes / num_image from the data set, checked against the config."""
+    if cfg.rec == "synthetic":
+        if cfg.num_classes is None or cfg.num_image is None:
+            raise UserInputError("rec='synthetic' (random tensors) needs num_classes and num_image in the config")
+        return cfg.num_classes, cfg.num_image
+    info = inspect_dataset(cfg.rec)
+    num_classes = cfg.num_classes if cfg.num_classes is not None else info.num_classes
+    num_image = cfg.num_image if cfg.num_image is not None else info.num_images
+    if info.num_classes is not None and num_classes < info.num_classes:
+        raise UserInputError(
+            f"num_classes={num_classes} in the config but the data set {cfg.rec} has {info.num_classes} classes"
+        )
+    if info.num_classes is not None and num_classes != info.num_classes:
+        raise UserInputError(
+            f"num_classes={num_classes} in the config disagrees with the data set {cfg.rec} ({info.num_classes} classes)"
+        )
+    if info.num_images is not None and num_image != info.num_images:
+        raise UserInputError(
+            f"num_image={num_image} in the config disagrees with the data set {cfg.rec} ({info.num_images} images)"
+        )
+    return num_classes, num_image
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resume_loader():
+    """How each rank reads its part of a checkpoint set (re-sharding when the world size changed)."""
+    try:
+        from utils.reshard import load_for_rank
+    except ImportError:
+        return None
+    return load_for_rank
+
+
+def _check_compatible(state: dict, cfg: Config, num_classes: int, cset) -> None:
+    run = state.get("run")
+    where = f"checkpoint {cset.path}"
+    if run is not None:
+        if run.get("network") != cfg.network:
+            raise UserInputError(f"{where} was trained with network={run.get('network')!r}, the config has {cfg.network!r}")
+        if run.get("embedding_size") != cfg.embedding_size:
+            raise UserInputError(
+                f"{where} has embedding_size={run.get('embedding_size')}, the config has {cfg.embedding_size}"
+            )
+    saved_classes = state.get("partial_fc", {}).get("num_classes")
+    if saved_classes is not None and saved_classes != num_classes:
+        raise UserInputError(f"{where} has num_classes={saved_classes}, this run has {num_classes}")
+
+
+def _strip_module_prefix(state_dict: dict) -> dict:
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+
+
+def _load_pretrained(cfg: Config, backbone, partial_fc, logger) -> None:
+    from utils.checkpoint import CheckpointError
+
+    if cfg.pretrained:
+        try:
+            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read pretrained weights {cfg.pretrained}: {type(exc).__name__}: {exc}") from None
+        if isinstance(state, dict) and "state_dict_backbone" in state:
+            state = state["state_dict_backbone"]
+        try:
+            backbone.load_state_dict(_strip_module_prefix(state), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()
+            raise UserInputError(
+                f"pretrained weights {cfg.pretrained} do not fit network={cfg.network!r} "
+                f"embedding_size={cfg.embedding_size}: {' '.join(first[:3])[:300]}"
+            ) from None
+        logger.info("backbone initialised from %s", cfg.pretrained)
+    if cfg.pretrained_fc:
+        try:
+            state = torch.load(cfg.pretrained_fc, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read pretrained class centres {cfg.pretrained_fc}: {type(exc).__name__}: {exc}") from None
+        weight = state.get("weight") if isinstance(state, dict) else state
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise UserInputError(f"{cfg.pretrained_fc} holds no [num_classes, embedding_size] 'weight' tensor")
+        if tuple(weight.shape) != (partial_fc.num_classes, partial_fc.embedding_size):
+            raise UserInputError(
+                f"{cfg.pretrained_fc} has class centres of shape {tuple(weight.shape)}, this run needs "
+                f"({partial_fc.num_classes}, {partial_fc.embedding_size})"
+            )
+        with torch.no_grad():
+            shard = weight[partial_fc.class_start : partial_fc.class_start + partial_fc.num_local]
+            partial_fc.weight.copy_(shard.to(partial_fc.weight.dtype))
+        logger.info("class centres initialised from %s", cfg.pretrained_fc)
+
+
+class _NonFiniteGuard:
+    """A non-finite loss or gradient never updates the weights.
+
+    The decision stays on the device (the fused optimizers skip the update when
+    told `found_inf`), so steps that do not log never wait for it; the counters
+    are read when a progress line is printed.
+    """
+
+    def __init__(self, max_consecutive: int, device: torch.device):
+        self.max_consecutive = max_consecutive
+        self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.run = torch.zeros((), dtype=torch.int64, device=device)
+        self.longest_run = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_total = 0
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        self.loss_finite = self.loss_finite & torch.isfinite(loss.detach())
+
+    def step(self, optimizer, grad_norm) -> None:
+        finite = self.loss_finite
+        if grad_norm is not None:
+            finite = finite & torch.isfinite(grad_norm)
+        bad = (~finite).to(torch.int64)
+        self.skipped += bad
+        self.run = (self.run + 1) * bad
+        self.longest_run = torch.maximum(self.longest_run, self.run)
+        optimizer.found_inf = (~finite).to(torch.float32)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        self.loss_finite = torch.ones_like(self.loss_finite)
+
+    def check(self, step: int) -> None:
+        self.skipped_total = int(self.skipped.item())
+        if self.max_consecutive > 0 and int(self.longest_run.item()) >= self.max_consecutive:
+            raise UserInputError(
+                f"{int(self.longest_run.item())} consecutive steps up to step {step} had a non-finite loss or "
+                f"gradient (max_nonfinite_steps={self.max_consecutive}); stopping. The last checkpoint is intact: "
+                f"lower lr, check the data, or use precision='fp32'"
+            )
+
+
+def _log_progress(logger, writer, report, step, total, epoch, optimizer, scaler, nonfinite, format_duration) -> None:
+    lr = optimizer.param_groups[0]["lr"]
+    parts = [
+        f"step {step}/{total} ({100.0 * step / total:.1f}%)",
+        f"epoch {epoch}",
+        f"loss {report['loss']:.4f}",
+        f"lr {lr:.6f}",
+        f"{report['samples_per_sec']:.1f} samples/s",
+    ]
+    if scaler is not None:
+        parts.append(f"grad scale {scaler.get_scale():.0f}")
+    if nonfinite.skipped_total:
+        parts.append(f"skipped non-finite steps {nonfinite.skipped_total}")
+    parts.append(f"elapsed {format_duration(report['elapsed'])}")
+    parts.append(f"ETA {format_duration(report['eta_seconds']) if math.isfinite(report['eta_seconds']) else '?'}")
+    logger.info(" | ".join(parts))
+    if writer is not None:
+        writer.add_scalar("train/loss", report["loss"], step)
+        writer.add_scalar("train/lr", lr, step)
+        writer.add_scalar("train/samples_per_sec", report["samples_per_sec"], step)
+
+
+def _log_summary(logger, first_eval, last_eval, step) -> None:
+    if not last_eval:
+        return
+    for name, result in last_eval.items():
+        before = first_eval.get(name) if first_eval else None
+        if before is not None:
+            logger.info(
+                "[%s] verification accuracy before training %.2f%%, after %d steps %.2f%% (best %.2f%%)",
+                name, 100 * before["acc"], step, 100 * result["acc"], 100 * result["acc_best"],
+            )
+        else:
+            logger.info("[%s] verification accuracy after %d steps %.2f%% (best %.2f%%)", name, step, 100 * result["acc"], 100 * result["acc_best"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""One way to run a trained recogniser outside training: a PyTorch state_dict or an ONNX file.
+
+`load_embedder(path, network)` returns an object with `embed(images)`: uint8 RGB
+NCHW images in, raw (unnormalised) float32 embeddings out. The input
+normalisation (x/255 - 0.5)/0.5 is applied here for both kinds, because the
+exported ONNX graph does not normalise (insightface's convention, REFERENCE 6).
+"""
+from __future__ import annotations
+
+import os
+from typing import Union
+
+import numpy as np
+import torch
+
+INPUT_SIZE = 112
+
+ImageBatch = Union[np.ndarray, torch.Tensor]
+
+
+class EmbedderError(ValueError):
+    """A model file that cannot be used as a recogniser; the message names the file."""
+
+
+def _as_uint8_nchw(images: ImageBatch) -> np.ndarray:
+    arr = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if arr.ndim != 4 or arr.shape[1] != 3:
+        raise ValueError(f"expected uint8 RGB images [N,3,H,W], got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 images (0..255), got {arr.dtype}")
+    return arr
+
+
+def _normalise(arr: np.ndarray) -> np.ndarray:
+    return ((arr.astype(np.float32) / 255.0) - 0.5) / 0.5
+
+
+def _strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+def _read_state_dict(path: str) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EmbedderError(
+            f"{path}: cannot be read as a PyTorch state_dict ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    # A training checkpoint (checkpoint_gpu_0.pt) keeps the backbone under this key.
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict_backbone"), dict):
+        obj = obj["state_dict_backbone"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise EmbedderError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
+    return _strip_prefix(obj)
+
+
+def _embedding_size(state_dict: dict) -> int | None:
+    """The output size, read from the last BatchNorm1d of the head (every backbone family ends in one)."""
+    for key in reversed(list(state_dict)):
+        value = state_dict[key]
+        if key.endswith("running_mean") and value.ndim == 1:
+            return int(value.shape[0])
+    return None
+
+
+def _mismatch_summary(model: torch.nn.Module, state_dict: dict) -> str:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs network)", shapes)):
+        if items:
+            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+            parts.append(f"{label}: {', '.join(items[:3])}{more}")
+    return "; ".join(parts)
+
+
+class TorchEmbedder:
+    def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 64):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+
+    def embed(self, images: ImageBatch) -> np.ndarray:
+        arr = _as_uint8_nchw(images)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, arr.shape[0], self.batch_size):
+                x = torch.from_numpy(_normalise(arr[start : start + self.batch_size])).to(self.device)
+                out.append(self.model(x).float().cpu().numpy())
+        return np.concatenate(out, axis=0) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+class OnnxEmbedder:
+    def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 64):
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(path, providers=providers)
+        except Exception as e:
+            raise EmbedderError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise EmbedderError(f"{path}: a recogniser has one input, this model has {len(inputs)}")
+        shape = list(inputs[0].shape)
+        if len(shape) != 4 or shape[1:] != [3, INPUT_SIZE, INPUT_SIZE]:
+            raise EmbedderError(f"{path}: input '{inputs[0].name}' has shape {shape}, expected [N, 3, 112, 112]")
+        self.input_name = inputs[0].name
+        # A graph exported with a fixed batch only accepts exactly that many images per run.
+        self.fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+        self.batch_size = self.fixed_batch or batch_size
+
+    def embed(self, images: ImageBatch) -> np.ndarray:
+        arr = _as_uint8_nchw(images)
+        if arr.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
+            raise ValueError(f"the ONNX model takes 112x112 images, got {arr.shape[2]}x{arr.shape[3]}")
+        out = []
+        for start in range(0, arr.shape[0], self.batch_size):
+            chunk = _normalise(arr[start : start + self.batch_size])
+            real = chunk.shape[0]
+            if self.fixed_batch is not None and real < self.fixed_batch:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - real, axis=0)])
+            out.append(self.session.run(None, {self.input_name: chunk})[0][:real].astype(np.float32))
+        return np.concatenate(out, axis=0) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def load_embedder(
+    path: str,
+    network: str | torch.nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 64,
+):
+    """A `TorchEmbedder` for a `.pt`/`.pth` state_dict (needs `network`: a backbone name
+    for `backbones.get_model` or a module to load the weights into) or an
+    `OnnxEmbedder` for a `.onnx` file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise EmbedderError(f"{path}: model file not found")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".onnx":
+        return OnnxEmbedder(path, device=device, batch_size=batch_size)
+    if ext not in (".pt", ".pth"):
+        raise EmbedderError(f"{path}: unknown model type '{ext}'; use a .pt/.pth state_dict or an .onnx file")
+    if network is None:
+        raise EmbedderError(f"{path}: a state_dict needs the network it belongs to (e.g. --network r50)")
+    state_dict = _read_state_dict(path)
+    if isinstance(network, str):
+        from backbones import get_model
+
+        size = _embedding_size(state_dict)
+        kwargs = {"num_features": size} if size else {}
+        try:
+            model = get_model(network, dropout=0.0, fp16=False, **kwargs)
+        except (ValueError, KeyError) as e:
+            raise EmbedderError(f"unknown network {network!r}: {e}") from None
+        name = network
+    else:
+        model, name = network, type(network).__name__
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError:
+        raise EmbedderError(
+            f"{path}: the weights do not match network {name!r}: {_mismatch_summary(model, state_dict)}"
+        ) from None
+    return TorchEmbedder(model, device=device, batch_size=batch_size)

@@ -1,0 +1,69 @@
+"""In-training verification on the `.bin` sets next to the training data (lfw, cfp_fp, agedb_30).
+
+Every rank calls the callback: the images are split over the ranks, embedded and
+all-gathered, so evaluation costs 1/world_size of the single-GPU time and no rank
+waits in a collective that another rank skips. Rank 0 logs and writes TensorBoard.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from utils.distributed import DistContext
+from utils.verification import embed_verification_set, evaluate, load_bin
+
+DEFAULT_LOGGER = "arcface.verification"
+
+
+class VerificationCallback:
+    def __init__(
+        self,
+        val_targets: Sequence[str],
+        rec_prefix: str,
+        ctx: DistContext | None,
+        summary_writer=None,
+        image_size: tuple[int, int] = (112, 112),
+        batch_size: int = 64,
+        logger: logging.Logger | None = None,
+        amp_dtype: torch.dtype | None = None,
+    ):
+        self.ctx = ctx if ctx is not None else DistContext()
+        self.summary_writer = summary_writer
+        self.batch_size = batch_size
+        self.amp_dtype = amp_dtype
+        self.logger = logger if logger is not None else logging.getLogger(DEFAULT_LOGGER)
+        self.sets: list[tuple[str, list[torch.Tensor], list[bool]]] = []
+        self.highest_acc: dict[str, float] = {}
+        for name in val_targets:
+            path = os.path.join(rec_prefix, f"{name}.bin")
+            if not os.path.isfile(path):
+                if self.ctx.is_main:
+                    self.logger.warning("verification set '%s' not found at %s: it will not be evaluated", name, path)
+                continue
+            data_list, issame = load_bin(path, image_size)
+            self.sets.append((name, data_list, issame))
+            self.highest_acc[name] = 0.0
+
+    def __call__(self, global_step: int, backbone: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """Evaluate every set; returns {name: {acc, std, xnorm, acc_best}} on every rank."""
+        results = {}
+        for name, data_list, issame in self.sets:
+            embeddings, xnorm = embed_verification_set(
+                data_list, backbone, self.batch_size, ctx=self.ctx, amp_dtype=self.amp_dtype
+            )
+            _, _, accuracy, _, _, _ = evaluate(embeddings, issame, nrof_folds=10)
+            acc, std = float(np.mean(accuracy)), float(np.std(accuracy))
+            self.highest_acc[name] = max(self.highest_acc[name], acc)
+            results[name] = {"acc": acc, "std": std, "xnorm": xnorm, "acc_best": self.highest_acc[name]}
+            if self.ctx.is_main:
+                self.logger.info("[%s][%d]XNorm: %f", name, global_step, xnorm)
+                self.logger.info("[%s][%d]Accuracy-Flip: %1.5f+-%1.5f", name, global_step, acc, std)
+                self.logger.info("[%s][%d]Accuracy-Highest: %1.5f", name, global_step, self.highest_acc[name])
+                if self.summary_writer is not None:
+                    self.summary_writer.add_scalar(f"verification/{name}/accuracy", acc, global_step)
+                    self.summary_writer.add_scalar(f"verification/{name}/xnorm", xnorm, global_step)
+        return results

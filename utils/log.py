@@ -1,0 +1,78 @@
+"""Logging set-up and the training progress line (speed, loss, lr, ETA)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+LOGGER_NAME = "arcface"
+
+
+def setup_logging(output_dir: str | None, rank: int, filename: str = "training.log") -> logging.Logger:
+    """Rank 0 logs INFO to the console and to `output_dir/filename`; other ranks only errors."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    if rank == 0:
+        logger.setLevel(logging.INFO)
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(fmt)
+        logger.addHandler(console)
+        if output_dir is not None:
+            file_handler = logging.FileHandler(os.path.join(output_dir, filename))
+            file_handler.setFormatter(fmt)
+            logger.addHandler(file_handler)
+    else:
+        logger.setLevel(logging.ERROR)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+class SpeedMeter:
+    """Samples/s and ETA over the steps since the last report.
+
+    The loss is accumulated as a tensor on the device and only read when a line is
+    printed, so steps that do not log never wait for the device.
+    """
+
+    def __init__(self, global_batch_size: int, total_steps: int, start_step: int = 0):
+        self.global_batch_size = global_batch_size
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.t_start = self.t_last = time.perf_counter()
+        self.step_last = start_step
+        self.loss_sum = None
+        self.loss_count = 0
+
+    def add_loss(self, loss) -> None:
+        value = loss.detach()
+        self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
+        self.loss_count += 1
+
+    def report(self, step: int) -> dict:
+        now = time.perf_counter()
+        steps = max(1, step - self.step_last)
+        elapsed = max(1e-9, now - self.t_last)
+        speed = steps * self.global_batch_size / elapsed
+        done = step - self.start_step
+        rate = done / max(1e-9, now - self.t_start)  # steps/s since this process started
+        remaining = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        loss = float(self.loss_sum) / self.loss_count if self.loss_count else float("nan")
+        self.t_last, self.step_last = now, step
+        self.loss_sum, self.loss_count = None, 0
+        return {"samples_per_sec": speed, "loss": loss, "eta_seconds": remaining, "elapsed": now - self.t_start}

@@ -1,0 +1,359 @@
+"""Verification sets (`lfw.bin`, `cfp_fp.bin`, `agedb_30.bin`, ...): reading, writing, scoring.
+
+A `.bin` is a pickle of `(bins, issame_list)`: 2N encoded images (pair i is
+bins[2i], bins[2i+1]) and N bools. The public files were written by Python 2, so
+they are read with `encoding='bytes'`. A pickle can run code while it loads, so
+the unpickler here refuses every global and persistent id: a `.bin` only needs
+lists, bytes and bools.
+
+`evaluate()` reproduces insightface's protocol (10 contiguous folds, best
+threshold on the other nine, VAL@FAR=1e-3) with counting by binary search
+instead of a Python loop over thresholds.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import pickle
+import tempfile
+from typing import Callable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)
+FAR_TARGET = 1e-3
+
+# Python 3 writes `bytes` under pickle protocol <= 2 as a call of this pure function;
+# it is the only callable such a file needs, and it cannot reach anything else.
+_SAFE_GLOBALS = {("_codecs", "encode")}
+
+
+class VerificationSetError(ValueError):
+    """A `.bin` file that is unreadable, malformed or unsafe. The message names the file."""
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BufferedIOBase, path: str):
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise VerificationSetError(
+            f"{self._path}: refusing to load: the pickle references {module}.{name}; a verification "
+            f".bin holds only lists of bytes and bools, so this file is not one (or was tampered with)"
+        )
+
+    def persistent_load(self, pid):
+        raise VerificationSetError(f"{self._path}: refusing to load: the pickle uses persistent ids")
+
+
+def _read_pairs_pickle(path: str) -> tuple[list[bytes], list[bool]]:
+    try:
+        with open(path, "rb") as f:
+            obj = _DataOnlyUnpickler(f, path).load()
+    except VerificationSetError:
+        raise
+    except FileNotFoundError:
+        raise VerificationSetError(f"{path}: verification set not found") from None
+    except Exception as e:  # truncated or not a pickle at all
+        raise VerificationSetError(f"{path}: not a readable verification .bin ({type(e).__name__}: {e})") from None
+
+    if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+        raise VerificationSetError(f"{path}: expected a pickled (images, issame_list) pair, got {type(obj).__name__}")
+    bins, issame = obj
+    if not isinstance(bins, (list, tuple)) or not isinstance(issame, (list, tuple)):
+        raise VerificationSetError(
+            f"{path}: expected two lists, got {type(bins).__name__} and {type(issame).__name__}"
+        )
+    if len(issame) == 0:
+        raise VerificationSetError(f"{path}: the set holds no pairs")
+    if len(bins) != 2 * len(issame):
+        raise VerificationSetError(
+            f"{path}: {len(bins)} images for {len(issame)} pairs; a verification set has exactly 2 images per pair"
+        )
+    for i, b in enumerate(bins):
+        if not isinstance(b, (bytes, bytearray)):
+            raise VerificationSetError(f"{path}: image {i} is a {type(b).__name__}, expected encoded image bytes")
+    flags = []
+    for i, s in enumerate(issame):
+        if isinstance(s, (bool, np.bool_)) or (isinstance(s, int) and s in (0, 1)):
+            flags.append(bool(s))
+        else:
+            raise VerificationSetError(f"{path}: issame[{i}] is {s!r}, expected a bool")
+    return list(bins), flags
+
+
+def load_bin(path: str, image_size: tuple[int, int] = (112, 112)) -> tuple[list[torch.Tensor], list[bool]]:
+    """Read a verification `.bin`.
+
+    Returns `([images, flipped_images], issame_list)` with the images as uint8 RGB
+    tensors [2N, 3, H, W] (H, W = image_size; other sizes are resized) and the
+    flips mirrored left-right.
+    """
+    path = os.fspath(path)
+    bins, issame = _read_pairs_pickle(path)
+    height, width = image_size
+    images = torch.empty((len(bins), 3, height, width), dtype=torch.uint8)
+    for i, encoded in enumerate(bins):
+        img = cv2.imdecode(np.frombuffer(encoded, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if img is None:
+            raise VerificationSetError(f"{path}: image {i} ({len(encoded)} bytes) cannot be decoded")
+        if img.shape[:2] != (height, width):
+            img = cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+        images[i] = torch.from_numpy(np.ascontiguousarray(img[:, :, ::-1].transpose(2, 0, 1)))
+    return [images, torch.flip(images, dims=[3])], issame
+
+
+def write_bin(path: str, encoded_images: Sequence[bytes], issame: Sequence[bool]) -> None:
+    """Write a `.bin` readable by `load_bin` and by insightface (pickle of (list of bytes, list of bool))."""
+    path = os.fspath(path)
+    bins = [bytes(b) for b in encoded_images]
+    flags = [bool(s) for s in issame]
+    if len(bins) != 2 * len(flags):
+        raise ValueError(f"{path}: {len(bins)} images for {len(flags)} pairs; need exactly 2 images per pair")
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".bin", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump((bins, flags), f, protocol=4)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, np.finfo(x.dtype).tiny)
+
+
+def _count_accepted(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold t: (# same pairs with dist < t, # different pairs with dist < t)."""
+    same = np.sort(dist[issame])
+    diff = np.sort(dist[~issame])
+    # searchsorted(side="left") counts the elements strictly below t: the "<" of the protocol.
+    return np.searchsorted(same, thresholds, side="left"), np.searchsorted(diff, thresholds, side="left")
+
+
+def _ratio(num: np.ndarray, den: int) -> np.ndarray:
+    return num / den if den > 0 else np.zeros(np.shape(num), dtype=np.float64)
+
+
+def _contiguous_folds(n: int, n_folds: int) -> list[np.ndarray]:
+    """Test indices of each fold: contiguous, the first n % n_folds folds one longer (sklearn KFold)."""
+    if n_folds < 2 or n_folds > n:
+        raise ValueError(f"cannot split {n} pairs into {n_folds} folds")
+    sizes = np.full(n_folds, n // n_folds)
+    sizes[: n % n_folds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [np.arange(bounds[k], bounds[k + 1]) for k in range(n_folds)]
+
+
+def _pca_distances(emb1: np.ndarray, emb2: np.ndarray, train: np.ndarray, n_components: int) -> np.ndarray:
+    fit = np.concatenate([emb1[train], emb2[train]], axis=0).astype(np.float64)
+    mean = fit.mean(axis=0)
+    centred = fit - mean
+    # Principal axes from the D x D scatter matrix: the same subspace as an SVD of the
+    # data, at a fraction of the cost for thousands of rows.
+    eigvals, eigvecs = np.linalg.eigh(centred.T @ centred)
+    basis = eigvecs[:, np.argsort(eigvals)[::-1][:n_components]]
+    p1 = _l2_normalize((emb1 - mean) @ basis)
+    p2 = _l2_normalize((emb2 - mean) @ basis)
+    return np.sum(np.square(p1 - p2), axis=1)
+
+
+def _interpolate_threshold(far: np.ndarray, thresholds: np.ndarray, target: float) -> float:
+    """Threshold where the (non-decreasing, often flat) FAR curve reaches `target`.
+
+    Linear between the last index whose FAR <= target and the next one, which is
+    what scipy's interp1d(kind='slinear') did on these curves before it started to
+    reject repeated x values. 0 when the curve never reaches the target.
+    """
+    if far.size == 0 or far.max() < target:
+        return 0.0
+    i = int(np.searchsorted(far, target, side="right")) - 1
+    if i < 0:
+        return float(thresholds[0])
+    if i + 1 >= far.size:
+        return float(thresholds[i])
+    x0, x1 = far[i], far[i + 1]
+    return float(thresholds[i] + (target - x0) * (thresholds[i + 1] - thresholds[i]) / (x1 - x0))
+
+
+def evaluate(
+    embeddings: np.ndarray, actual_issame: Sequence[bool], nrof_folds: int = 10, pca: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, float]:
+    """insightface's verification protocol.
+
+    embeddings: [2N, D], rows 2i and 2i+1 form pair i (L2-normalised here).
+    Returns (tpr[400], fpr[400]) averaged over folds for thresholds 0..3.99,
+    the accuracy of every fold [nrof_folds], and VAL, its std and FAR at FAR=1e-3.
+    """
+    emb = np.asarray(embeddings)
+    if not np.issubdtype(emb.dtype, np.floating):
+        emb = emb.astype(np.float32)
+    issame = np.asarray(actual_issame, dtype=bool)
+    if emb.ndim != 2 or emb.shape[0] % 2 != 0:
+        raise ValueError(f"embeddings must be [2N, D], got shape {emb.shape}")
+    emb = _l2_normalize(emb)
+    emb1, emb2 = emb[0::2], emb[1::2]
+    n = min(len(issame), emb1.shape[0])
+    emb1, emb2, issame = emb1[:n], emb2[:n], issame[:n]
+    folds = _contiguous_folds(n, nrof_folds)
+    dist = np.sum(np.square(emb1 - emb2), axis=1)
+
+    tprs = np.zeros((nrof_folds, ACCURACY_THRESHOLDS.size))
+    fprs = np.zeros((nrof_folds, ACCURACY_THRESHOLDS.size))
+    accuracy = np.zeros(nrof_folds)
+    val = np.zeros(nrof_folds)
+    far = np.zeros(nrof_folds)
+    for k, test in enumerate(folds):
+        train = np.ones(n, dtype=bool)
+        train[test] = False
+        fold_dist = _pca_distances(emb1, emb2, train, pca) if pca > 0 else dist
+
+        # Accuracy: the first threshold with the best accuracy on the other folds.
+        tp, fp = _count_accepted(fold_dist[train], issame[train], ACCURACY_THRESHOLDS)
+        n_diff_train = int((~issame[train]).sum())
+        acc_train = (tp + (n_diff_train - fp)) / int(train.sum())
+        best = int(np.argmax(acc_train))
+
+        t_same, t_diff = issame[test], ~issame[test]
+        tp, fp = _count_accepted(fold_dist[test], t_same, ACCURACY_THRESHOLDS)
+        n_same_test, n_diff_test = int(t_same.sum()), int(t_diff.sum())
+        tprs[k] = _ratio(tp, n_same_test)
+        fprs[k] = _ratio(fp, n_diff_test)
+        accuracy[k] = (tp[best] + (n_diff_test - fp[best])) / test.size
+
+        # VAL@FAR uses the plain distances, as the reference does even with PCA.
+        _, fp = _count_accepted(dist[train], issame[train], VAL_THRESHOLDS)
+        threshold = _interpolate_threshold(_ratio(fp, n_diff_train), VAL_THRESHOLDS, FAR_TARGET)
+        accepted = dist[test] < threshold
+        val[k] = _ratio(np.sum(accepted & t_same), n_same_test)
+        far[k] = _ratio(np.sum(accepted & t_diff), n_diff_test)
+    return tprs.mean(axis=0), fprs.mean(axis=0), accuracy, float(val.mean()), float(val.std()), float(far.mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the duration; afterwards every submodule gets back its own mode
+    (a frozen BatchNorm inside a training model stays frozen)."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _unwrap(model):
+    # DDP's forward may broadcast buffers, a collective the ranks would not all reach equally often.
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    for b in module.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _embed_batches(
+    images: torch.Tensor,
+    flipped: torch.Tensor,
+    indices: torch.Tensor,
+    model,
+    batch_size: int,
+    amp_dtype: torch.dtype | None,
+    progress: Callable[[int], None] | None,
+) -> torch.Tensor:
+    """Raw embeddings [len(indices), 2, D] (image, flip), float32 on the CPU or the model's device."""
+    outputs = []
+    if isinstance(model, torch.nn.Module):
+        device = _module_device(model)
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with eval_mode(model), torch.inference_mode():
+            for start in range(0, indices.numel(), batch_size):
+                idx = indices[start : start + batch_size]
+                pair = []
+                for source in (images, flipped):
+                    x = source[idx].to(device, non_blocking=True).float()
+                    x = x.div_(255).sub_(0.5).div_(0.5)
+                    with autocast:
+                        pair.append(model(x).float())
+                outputs.append(torch.stack(pair, dim=1))
+                if progress is not None:
+                    progress(idx.numel())
+    else:  # an Embedder (utils/embedder.py): normalises itself, returns numpy
+        for start in range(0, indices.numel(), batch_size):
+            idx = indices[start : start + batch_size]
+            pair = [torch.from_numpy(np.asarray(model.embed(source[idx]), dtype=np.float32)) for source in (images, flipped)]
+            outputs.append(torch.stack(pair, dim=1))
+            if progress is not None:
+                progress(idx.numel())
+    return torch.cat(outputs, dim=0)
+
+
+def embed_verification_set(
+    data_list: Sequence[torch.Tensor],
+    backbone_or_embedder,
+    batch_size: int,
+    ctx=None,
+    amp_dtype: torch.dtype | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, float]:
+    """Embeddings of a verification set: image + flip summed and L2-normalised ([2N, D] float32),
+    and XNorm, the mean norm of the raw image and flip embeddings.
+
+    With a distributed `ctx` every rank embeds an equal share (the last share padded
+    by repeating the last image, so all ranks run the same number of forward passes)
+    and all ranks receive the whole result; every rank must call this.
+    `progress(n)` is called after each batch with the number of images done.
+    """
+    images, flipped = data_list
+    n = images.shape[0]
+    if n == 0:
+        raise ValueError("the verification set is empty")
+    model = _unwrap(backbone_or_embedder)
+    distributed = ctx is not None and ctx.is_distributed
+    if distributed:
+        share = math.ceil(n / ctx.world_size)
+        indices = (torch.arange(share) + ctx.rank * share).clamp_(max=n - 1)
+    else:
+        indices = torch.arange(n)
+    raw = _embed_batches(images, flipped, indices, model, batch_size, amp_dtype, progress)
+
+    if distributed:
+        raw = raw.to(ctx.device).contiguous()
+        gathered = [torch.empty_like(raw) for _ in range(ctx.world_size)]
+        dist.all_gather(gathered, raw)
+        raw = torch.cat(gathered, dim=0)[:n]
+    xnorm = float(raw.norm(dim=2).mean())
+    embeddings = F.normalize(raw.sum(dim=1), dim=1)
+    return embeddings.cpu().numpy().astype(np.float32, copy=False), xnorm
