@@ -1,0 +1,142 @@
+"""In-training verification: logs, TensorBoard, best accuracy, modes, and 2 gloo ranks = 1 process."""
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_TESTDATA
+from helpers import run_distributed
+from utils.eval_callback import VerificationCallback
+from utils.verification import embed_verification_set, evaluate, load_bin
+
+LOGGER = "test_eval_callback"
+
+
+class SmallNet(torch.nn.Module):
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 6, 7, stride=8)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6 * 14 * 14, 16)
+        self.images_seen = 0
+
+    def forward(self, x):
+        self.images_seen += x.shape[0]
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class FakeWriter:
+    def __init__(self):
+        self.scalars = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, float(value), step))
+
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture()
+def rec_dir(tmp_path):
+    shutil.copy(SHARED_TESTDATA / "lfw_style.bin", tmp_path / "lfw.bin")
+    return tmp_path
+
+
+def _expected(net, path):
+    """Accuracy and XNorm computed by hand from the model's outputs."""
+    (images, flipped), issame = load_bin(str(path))
+    net.eval()
+    with torch.no_grad():
+        raw = net((images.float() / 255 - 0.5) / 0.5)
+        raw_flip = net((flipped.float() / 255 - 0.5) / 0.5)
+    emb = torch.nn.functional.normalize(raw + raw_flip, dim=1).numpy()
+    _, _, acc, *_ = evaluate(emb, issame)
+    return float(np.mean(acc)), float(np.std(acc)), float(torch.cat([raw, raw_flip]).norm(dim=1).mean())
+
+
+def test_logs_tensorboard_best_accuracy_and_mode(rec_dir, caplog):
+    writer = FakeWriter()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        callback = VerificationCallback(
+            ["lfw", "agedb_30"], str(rec_dir), None, summary_writer=writer, batch_size=8,
+            logger=logging.getLogger(LOGGER),
+        )
+    missing = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(missing) == 1 and str(rec_dir / "agedb_30.bin") in missing[0].getMessage()
+
+    first, second = SmallNet(0), SmallNet(1)
+    first.train()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        result1 = callback(100, first)
+    assert first.training and first.bn.training  # the caller's mode is back
+
+    acc, std, xnorm = _expected(SmallNet(0), rec_dir / "lfw.bin")
+    assert set(result1) == {"lfw"}
+    r = result1["lfw"]
+    assert r["acc"] == pytest.approx(acc, abs=1e-12) and r["std"] == pytest.approx(std, abs=1e-12)
+    assert r["xnorm"] == pytest.approx(xnorm, rel=1e-5) and r["acc_best"] == r["acc"]
+    messages = [rec.getMessage() for rec in caplog.records]
+    assert messages == [
+        "[lfw][100]XNorm: %f" % r["xnorm"],
+        "[lfw][100]Accuracy-Flip: %1.5f+-%1.5f" % (acc, std),
+        "[lfw][100]Accuracy-Highest: %1.5f" % acc,
+    ]
+    assert writer.scalars == [
+        ("verification/lfw/accuracy", pytest.approx(acc), 100),
+        ("verification/lfw/xnorm", pytest.approx(r["xnorm"]), 100),
+    ]
+
+    result2 = callback(200, second)
+    acc2, _, _ = _expected(SmallNet(1), rec_dir / "lfw.bin")
+    assert acc2 != acc  # two different models, so "best" is meaningful
+    assert result2["lfw"]["acc"] == pytest.approx(acc2, abs=1e-12)
+    assert result2["lfw"]["acc_best"] == pytest.approx(max(acc, acc2), abs=1e-12)
+
+
+def _evaluate_on_ranks(ctx, rec_dir):
+    handler = ListHandler()
+    logger = logging.getLogger(f"{LOGGER}.rank{ctx.rank}")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    callback = VerificationCallback(["lfw", "missing"], rec_dir, ctx, batch_size=4, logger=logger)
+    net = SmallNet(0)
+    results = callback(7, net)
+    # An odd number of images: the shares are padded to equal size and trimmed after the gather.
+    (images, flipped), _ = load_bin(f"{rec_dir}/lfw.bin")
+    odd, xnorm = embed_verification_set([images[:9], flipped[:9]], net, 2, ctx=ctx)
+    return results, odd, xnorm, handler.messages, net.images_seen
+
+
+def test_two_gloo_ranks_give_the_single_process_result(rec_dir):
+    single = VerificationCallback(["lfw"], str(rec_dir), None, batch_size=4)(7, SmallNet(0))
+    (images, flipped), _ = load_bin(str(rec_dir / "lfw.bin"))
+    odd, odd_xnorm = embed_verification_set([images[:9], flipped[:9]], SmallNet(0), 2)
+
+    per_rank = run_distributed(_evaluate_on_ranks, 2, str(rec_dir))
+    assert len(per_rank) == 2
+    for rank, (results, rank_odd, rank_xnorm, messages, images_seen) in enumerate(per_rank):
+        # Each rank embedded its share only: half of the 40 images and 5 of the 9, each with its flip.
+        assert images_seen == 2 * 20 + 2 * 5
+        assert set(results) == {"lfw"}
+        for key in ("acc", "std", "acc_best"):
+            assert results["lfw"][key] == pytest.approx(single["lfw"][key], abs=1e-12)
+        assert results["lfw"]["xnorm"] == pytest.approx(single["lfw"]["xnorm"], rel=1e-6)
+        assert rank_odd.shape == odd.shape
+        np.testing.assert_allclose(rank_odd, odd, atol=1e-6)
+        assert rank_xnorm == pytest.approx(odd_xnorm, rel=1e-6)
+        if rank == 0:
+            assert any("not found" in m for m in messages) and any("Accuracy-Flip" in m for m in messages)
+        else:
+            assert messages == []  # non-main ranks log nothing
