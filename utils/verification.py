@@ -156,7 +156,7 @@ def _ratio(num: np.ndarray, den: int) -> np.ndarray:
 def _contiguous_folds(n: int, n_folds: int) -> list[np.ndarray]:
     """Test indices of each fold: contiguous, the first n % n_folds folds one longer (sklearn KFold)."""
     if n_folds < 2 or n_folds > n:
-        raise ValueError(f"cannot split {n} pairs into {n_folds} folds")
+        raise ValueError(f"{n_folds}-fold evaluation needs at least {max(n_folds, 2)} pairs and 2 folds, got {n} pairs")
     sizes = np.full(n_folds, n // n_folds)
     sizes[: n % n_folds] += 1
     bounds = np.concatenate([[0], np.cumsum(sizes)])
