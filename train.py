@@ -93,13 +93,13 @@ class _StopRequest:
 
 def train(cfg: Config, ctx: DistContext) -> int:
     # Imported here so that `--help` and config errors answer without loading the heavy modules.
-    from backbones import get_model
+    from backbones import available_models, get_model
     from dataset import get_dataloader, inspect_dataset
     from losses import CombinedMarginLoss, PartialFC
     from utils import checkpoint as ckpt
     from utils.amp import resolve_precision
     from utils.eval_callback import VerificationCallback
-    from utils.log import SpeedMeter, format_duration, setup_logging
+    from utils.log import SpeedMeter, add_file_handler, format_duration, setup_logging
     from utils.lr_scheduler import PolyScheduler, plan_steps
     from utils.onnx_export import export_onnx
     from utils.optim import build_optimizer
@@ -107,52 +107,48 @@ def train(cfg: Config, ctx: DistContext) -> int:
     device = ctx.device
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = bool(cfg.resume) or restarted  # an elastic restart always continues its own run
+    logger = setup_logging(None, ctx.rank)  # console only until every check has passed
+    notes: list[str] = []  # said once the log file exists
 
-    # ---- checks that must pass before anything in the output folder is written or changed
+    # ---- phase 1: everything that can refuse the run, before anything is written or changed
     _check_output_folder(cfg.output, ctx)
     if not resume and ckpt.has_checkpoints(cfg.output):
         raise UserInputError(
             f"output folder {cfg.output} already holds checkpoints of a run; pass --resume=True to "
             f"continue it, or choose another --output"
         )
-    precision = resolve_precision(cfg.precision, cfg.fp16, device)
+    if cfg.network not in available_models():
+        raise UserInputError(
+            f"unknown network {cfg.network!r}; valid networks: {', '.join(available_models())}"
+        )
+    try:
+        precision = resolve_precision(cfg.precision, cfg.fp16, device)
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     _prepare_synthetic_faces(cfg, ctx)
     num_classes, num_image = _check_dataset(cfg, inspect_dataset)
 
     global_batch = cfg.batch_size * ctx.world_size
-    steps_per_epoch, total_steps, warmup_steps = plan_steps(
-        num_image, global_batch, cfg.num_epoch, cfg.warmup_epoch, cfg.gradient_acc
-    )
+    try:
+        steps_per_epoch, total_steps, warmup_steps = plan_steps(
+            num_image, global_batch, cfg.num_epoch, cfg.warmup_epoch, cfg.gradient_acc
+        )
+    except ValueError as exc:
+        raise UserInputError(str(exc)) from None
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
         warmup_steps = min(warmup_steps, total_steps - 1)
 
-    # ---- logging (rank 0 only)
-    if ctx.is_main:
-        os.makedirs(cfg.output, exist_ok=True)
-    ctx.barrier()
-    logger = setup_logging(cfg.output, ctx.rank)
-    if ctx.is_main:
-        save_config(cfg, os.path.join(cfg.output, "config.json"))
-        logger.info("config %s\n%s", cfg.config_file, format_config(cfg))
-        logger.info(
-            "world size %d (%s, %s) | global batch %d | %d steps per epoch | total_step %d | warmup_step %d | precision %s",
-            ctx.world_size, ctx.backend or "single process", device, global_batch * cfg.gradient_acc,
-            steps_per_epoch, total_steps, warmup_steps, precision.name,
-        )
-        if cfg.using_wandb:
-            logger.warning("using_wandb is set but wandb is not supported; metrics go to TensorBoard in %s/tensorboard", cfg.output)
-
     _seed_everything(cfg.seed + ctx.rank)
 
-    # ---- data
+    # data
     loader = get_dataloader(
         cfg.rec, ctx.local_rank, cfg.batch_size, dali=cfg.dali, seed=cfg.seed, num_workers=cfg.num_workers,
         rank=ctx.rank, world_size=ctx.world_size, device=device, num_classes=num_classes,
         skip_bad_images=cfg.skip_bad_images,
     )
 
-    # ---- model: backbone (data parallel) and PartialFC head (model parallel)
+    # model: backbone (data parallel) and PartialFC head (model parallel)
     backbone = get_model(
         cfg.network, dropout=cfg.dropout, fp16=False, num_features=cfg.embedding_size,
         **({} if cfg.gradient_checkpointing is None else {"gradient_checkpointing": cfg.gradient_checkpointing}),
@@ -171,13 +167,13 @@ def train(cfg: Config, ctx: DistContext) -> int:
         check_labels=device.type != "cuda",
     ).to(device)
 
-    # ---- resume, or start from pretrained weights
+    # resume, or start from pretrained weights
     start_epoch, start_batch, global_step = 0, 0, 0
     resume_state = None
     if resume:
         resume_state, cset = ckpt.load_newest(cfg.output, ctx, logger, map_location="cpu", loader=_resume_loader())
         if resume_state is None:
-            logger.info("resume requested but %s holds no usable checkpoint: starting from scratch", cfg.output)
+            notes.append(f"resume requested but {cfg.output} holds no usable checkpoint: starting from scratch")
         else:
             _check_compatible(resume_state, cfg, num_classes, cset)
             if "state_dict_backbone" in resume_state:
@@ -186,17 +182,37 @@ def train(cfg: Config, ctx: DistContext) -> int:
             start_epoch = int(resume_state["epoch"])
             start_batch = int(resume_state.get("batch_in_epoch", 0))
             global_step = int(resume_state["global_step"])
-            logger.info("resumed from %s: epoch %d, batch %d, global step %d", cset.path, start_epoch, start_batch, global_step)
+            notes.append(f"resumed from {cset.path}: epoch {start_epoch}, batch {start_batch}, global step {global_step}")
     if resume_state is None:
-        _load_pretrained(cfg, backbone, partial_fc, logger)
+        notes.extend(_load_pretrained(cfg, backbone, partial_fc))
+
+    # ---- phase 2: the run is accepted; create the output folder and the log
+    if ctx.is_main:
+        os.makedirs(cfg.output, exist_ok=True)
+    ctx.barrier()
+    if ctx.is_main:
+        add_file_handler(logger, os.path.join(cfg.output, "training.log"))
+        save_config(cfg, os.path.join(cfg.output, "config.json"))
+        logger.info("config %s\n%s", cfg.config_file, format_config(cfg))
+        logger.info(
+            "world size %d (%s, %s) | global batch %d | %d steps per epoch | total_step %d | warmup_step %d | precision %s",
+            ctx.world_size, ctx.backend or "single process", device, global_batch * cfg.gradient_acc,
+            steps_per_epoch, total_steps, warmup_steps, precision.name,
+        )
+        if cfg.using_wandb:
+            logger.warning("using_wandb is set but wandb is not supported; metrics go to TensorBoard in %s/tensorboard", cfg.output)
+        for note in notes:
+            logger.info(note)
 
     backbone_module = backbone  # the plain module: what is saved, evaluated and exported
     model = torch.compile(backbone) if cfg.compile else backbone
     if ctx.is_distributed:
         # DDP broadcasts rank 0's weights now, so only rank 0 needs to load them on resume.
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
-            bucket_cap_mb=16,
+            model, device_ids=[ctx.local_rank] if device.type == "cuda" else None,
+            # BatchNorm statistics stay per rank during training (as in insightface); rank 0's
+            # are still copied to all ranks once, when DDP wraps the model.
+            forward_sync_buffers=False, bucket_cap_mb=16,
         )
 
     optimizer = build_optimizer(
@@ -222,9 +238,13 @@ def train(cfg: Config, ctx: DistContext) -> int:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=os.path.join(cfg.output, "tensorboard"))
+    val_targets = list(cfg.val_targets)
+    if cfg.rec == "synthetic" and val_targets:
+        logger.warning("rec='synthetic' (random tensors) has no verification sets: val_targets %s ignored", val_targets)
+        val_targets = []
     rec_dir = cfg.rec if os.path.isdir(cfg.rec) else os.path.dirname(os.path.abspath(cfg.rec))
     verification = VerificationCallback(
-        list(cfg.val_targets), rec_dir, ctx, summary_writer=writer, batch_size=min(cfg.batch_size, 256),
+        val_targets, rec_dir, ctx, summary_writer=writer, batch_size=min(cfg.batch_size, 256),
         logger=logger, amp_dtype=precision.autocast_dtype,
     )
 
@@ -321,6 +341,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
             else:
                 nonfinite.step(optimizer, grad_norm)  # skips the update when loss or gradients are not finite
             optimizer.zero_grad(set_to_none=True)
+            step_lr = optimizer.param_groups[0]["lr"]  # the lr this step used, for the log
             scheduler.step()
             global_step += 1
             epoch_done = batch_in_epoch >= batches_per_epoch
@@ -330,7 +351,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
                 report = meter.report(global_step)
                 nonfinite.check(global_step)
                 if ctx.is_main:
-                    _log_progress(logger, writer, report, global_step, total_steps, epoch, optimizer, scaler, nonfinite, format_duration)
+                    _log_progress(logger, writer, report, global_step, total_steps, epoch, step_lr, scaler, nonfinite, format_duration)
                 if stop.agreed(ctx):
                     stopped_early = True
             if global_step % cfg.verbose == 0 and not finished:
@@ -453,9 +474,11 @@ def _strip_module_prefix(state_dict: dict) -> dict:
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
 
 
-def _load_pretrained(cfg: Config, backbone, partial_fc, logger) -> None:
+def _load_pretrained(cfg: Config, backbone, partial_fc) -> list[str]:
+    """Initialise from `pretrained` / `pretrained_fc`; returns what was done, for the log."""
     from utils.checkpoint import CheckpointError
 
+    notes = []
     if cfg.pretrained:
         try:
             state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
@@ -471,7 +494,7 @@ def _load_pretrained(cfg: Config, backbone, partial_fc, logger) -> None:
                 f"pretrained weights {cfg.pretrained} do not fit network={cfg.network!r} "
                 f"embedding_size={cfg.embedding_size}: {' '.join(first[:3])[:300]}"
             ) from None
-        logger.info("backbone initialised from %s", cfg.pretrained)
+        notes.append(f"backbone initialised from {cfg.pretrained}")
     if cfg.pretrained_fc:
         try:
             state = torch.load(cfg.pretrained_fc, map_location="cpu", weights_only=True)
@@ -488,7 +511,8 @@ def _load_pretrained(cfg: Config, backbone, partial_fc, logger) -> None:
         with torch.no_grad():
             shard = weight[partial_fc.class_start : partial_fc.class_start + partial_fc.num_local]
             partial_fc.weight.copy_(shard.to(partial_fc.weight.dtype))
-        logger.info("class centres initialised from %s", cfg.pretrained_fc)
+        notes.append(f"class centres initialised from {cfg.pretrained_fc}")
+    return notes
 
 
 class _NonFiniteGuard:
@@ -535,8 +559,7 @@ class _NonFiniteGuard:
             )
 
 
-def _log_progress(logger, writer, report, step, total, epoch, optimizer, scaler, nonfinite, format_duration) -> None:
-    lr = optimizer.param_groups[0]["lr"]
+def _log_progress(logger, writer, report, step, total, epoch, lr, scaler, nonfinite, format_duration) -> None:
     parts = [
         f"step {step}/{total} ({100.0 * step / total:.1f}%)",
         f"epoch {epoch}",

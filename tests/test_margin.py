@@ -5,7 +5,15 @@ import torch
 
 from losses.margin import CombinedMarginLoss
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    """Gradients are compared in float64; the default dtype is restored for the other test modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def _insightface_reference(cos, labels, s, m1, m2, m3):

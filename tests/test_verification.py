@@ -320,3 +320,19 @@ def test_pairs_at_distance_zero_are_not_accepted_at_threshold_zero():
     want = _reference_evaluate(emb.astype(np.float64), issame)
     np.testing.assert_allclose(tpr, want[0], atol=1e-12)
     np.testing.assert_allclose(acc, want[2], atol=1e-12)
+
+
+def test_python3_protocol2_bin_loads(tmp_path):
+    # Python 3 writes bytes under protocol 2 as calls of _codecs.encode: the one global allowed.
+    encoded, pixels = zip(*[_png(i) for i in range(2)])
+    path = tmp_path / "py3.bin"
+    path.write_bytes(pickle.dumps((list(encoded), [False]), protocol=2))
+    assert b"_codecs" in path.read_bytes()
+    (images, _), issame = load_bin(str(path))
+    assert issame == [False] and np.array_equal(images[1].permute(1, 2, 0).numpy(), pixels[1])
+
+
+def test_evaluate_refuses_mismatched_lengths():
+    emb, issame = _seeded_pairs(20, 4, 6)
+    with pytest.raises(ValueError, match="40 embeddings for 19 pairs"):
+        evaluate(emb, issame[:19])

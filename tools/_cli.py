@@ -12,6 +12,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from utils.log import format_duration  # noqa: E402  (needs the path above)
+
 
 class UserError(Exception):
     """Bad input the user can fix; printed as one line, no traceback."""
@@ -34,13 +36,6 @@ def run_main(main: Callable[[], int | None]) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     sys.exit(code or 0)
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
 class Progress:
@@ -66,6 +61,6 @@ class Progress:
         end = "\n" if self.done >= self.total else ""
         self.stream.write(
             f"\r{self.label}  {self.done}/{self.total} {self.unit}  {rate:.1f} {self.unit}/s  "
-            f"ETA {_duration(eta)}  elapsed {_duration(elapsed)}   {end}"
+            f"ETA {format_duration(eta)}  elapsed {format_duration(elapsed)}   {end}"
         )
         self.stream.flush()

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-import _cli  # noqa: F401  (puts the repository on sys.path)
-from _cli import Progress, UserError, run_main
+from _cli import Progress, UserError, run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np
@@ -258,21 +256,6 @@ def format_table(name: str, tars: Sequence[float], far_levels: Sequence[float] =
     return header + "\n" + f"{name:<20}" + "".join(f"{100 * t:>9.2f}" for t in tars)
 
 
-def _save_atomic(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=os.path.splitext(path)[1], dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a .pt/.pth state_dict (with --network) or an .onnx file")
@@ -287,6 +270,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image loading threads")
     args = parser.parse_args()
 
+    from utils.atomic_file import atomic_write
     from utils.embedder import load_embedder
     from utils.plot import line_plot
 
@@ -328,8 +312,10 @@ def main() -> None:
     table = format_table(f"{model_name}-{args.target}", tars)
     print(table)
 
-    _save_atomic(os.path.join(args.result_dir, f"{t}.npy"), lambda f: np.save(f, scores))
-    _save_atomic(os.path.join(args.result_dir, f"{t}_tar_at_far.txt"), lambda f: f.write((table + "\n").encode()))
+    with atomic_write(os.path.join(args.result_dir, f"{t}.npy")) as f:
+        np.save(f, scores)
+    with atomic_write(os.path.join(args.result_dir, f"{t}_tar_at_far.txt")) as f:
+        f.write((table + "\n").encode())
     auc = float(np.trapezoid(tpr, fpr))
     xs, ys = roc_for_plot(fpr, tpr)
     line_plot(

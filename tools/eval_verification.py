@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import _cli  # noqa: F401  (puts the repository on sys.path)
-from _cli import Progress, UserError, run_main
+from _cli import Progress, UserError, run_main  # first: puts the repository on sys.path
 
 import numpy as np
 import torch

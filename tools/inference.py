@@ -14,8 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import _cli  # noqa: F401  (puts the repository on sys.path)
-from _cli import UserError, run_main
+from _cli import UserError, run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np

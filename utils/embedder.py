@@ -8,6 +8,7 @@ exported ONNX graph does not normalise (insightface's convention, REFERENCE 6).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Union
 
 import numpy as np
@@ -54,7 +55,7 @@ def _read_state_dict(path: str) -> dict:
     return _strip_prefix(obj)
 
 
-def _embedding_size(state_dict: dict) -> int | None:
+def embedding_size_of(state_dict: dict) -> int | None:
     """The output size, read from the last BatchNorm1d of the head (every backbone family ends in one)."""
     for key in reversed(list(state_dict)):
         value = state_dict[key]
@@ -101,8 +102,11 @@ class OnnxEmbedder:
         import onnxruntime as ort
 
         providers = ["CPUExecutionProvider"]
-        if torch.device(device).type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        if torch.device(device).type == "cuda":
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:
+                warnings.warn(f"{path}: this onnxruntime has no CUDA provider (install onnxruntime-gpu); running on the CPU")
         try:
             self.session = ort.InferenceSession(path, providers=providers)
         except Exception as e:
@@ -155,7 +159,7 @@ def load_embedder(
     if isinstance(network, str):
         from backbones import get_model
 
-        size = _embedding_size(state_dict)
+        size = embedding_size_of(state_dict)
         kwargs = {"num_features": size} if size else {}
         try:
             model = get_model(network, dropout=0.0, fp16=False, **kwargs)

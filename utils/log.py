@@ -32,6 +32,13 @@ def setup_logging(output_dir: str | None, rank: int, filename: str = "training.l
     return logger
 
 
+def add_file_handler(logger: logging.Logger, path: str) -> None:
+    """Also write the log to `path` (appending: a resumed run continues its training.log)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
+
+from utils.atomic_file import atomic_write
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 # Distinguishable colours (BGR): blue, orange, green, red, purple, brown, pink, grey, olive, cyan.
@@ -244,16 +245,6 @@ def _write_png(path: str, img: np.ndarray) -> None:
     ok, encoded = cv2.imencode(".png", img)
     if not ok:
         raise RuntimeError(f"{path}: PNG encoding failed")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(encoded.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_write(path) as f:
+        f.write(encoded.tobytes())

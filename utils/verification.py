@@ -17,7 +17,6 @@ import io
 import math
 import os
 import pickle
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence
 
@@ -26,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from utils.atomic_file import atomic_write
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -131,16 +132,8 @@ def write_bin(path: str, encoded_images: Sequence[bytes], issame: Sequence[bool]
     flags = [bool(s) for s in issame]
     if len(bins) != 2 * len(flags):
         raise ValueError(f"{path}: {len(bins)} images for {len(flags)} pairs; need exactly 2 images per pair")
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".bin", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump((bins, flags), f, protocol=4)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        pickle.dump((bins, flags), f, protocol=4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +215,9 @@ def evaluate(
         raise ValueError(f"embeddings must be [2N, D], got shape {emb.shape}")
     emb = _l2_normalize(emb)
     emb1, emb2 = emb[0::2], emb[1::2]
-    n = min(len(issame), emb1.shape[0])
-    emb1, emb2, issame = emb1[:n], emb2[:n], issame[:n]
+    n = len(issame)
+    if emb1.shape[0] != n:
+        raise ValueError(f"{emb.shape[0]} embeddings for {n} pairs; need exactly 2 per pair")
     folds = _contiguous_folds(n, nrof_folds)
     dist = np.sum(np.square(emb1 - emb2), axis=1)
 

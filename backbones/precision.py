@@ -1,0 +1,32 @@
+"""Autocast regions shared by the backbones.
+
+The trunk of a backbone may run in low precision (the caller's autocast, or its own with
+`fp16=True`); the embedding head and the attention softmax always run in float32, because
+their sums over thousands of terms lose the identity information in half precision.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+
+def low_precision_dtype(device_type: str) -> torch.dtype:
+    """insightface's `fp16=True` on CUDA; bfloat16 elsewhere, where float16 autocast is
+    missing or slow and needs no loss scaling."""
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
+
+
+def trunk_autocast(device_type: str, enabled: bool) -> ContextManager:
+    """Autocast for a backbone built with fp16=True; otherwise leave the caller's setting."""
+    if not enabled or not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=low_precision_dtype(device_type))
+
+
+def float32_region(device_type: str) -> ContextManager:
+    """Autocast switched off, even inside a caller's autocast; use with inputs cast by `.float()`."""
+    if not torch.amp.is_autocast_available(device_type):  # e.g. the meta device
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)

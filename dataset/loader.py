@@ -1,0 +1,222 @@
+"""The training data loader: sampler -> batches decoded in worker processes -> device.
+
+Workers load whole batches as uint8 (a quarter of the bytes of float32 through shared
+and pinned memory); the conversion to normalised float32 happens on the training device.
+On CUDA the next batch is copied and normalised on a side stream while the current one
+is being used. Errors of the data (DataError) cross from the workers as values and are
+raised again in the main process with their own message.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+from functools import partial
+from typing import Iterator
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dataset.base import FaceDataset
+from dataset.errors import DataError
+from dataset.info import SYNTHETIC, dataset_kind, open_dataset
+from dataset.sampler import ResumableDistributedSampler
+from dataset.transforms import normalize_batch
+
+
+class _BatchRequests(Sampler):
+    """One item per batch: (epoch, sample indices); full batches only (drop_last)."""
+
+    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self):
+        epoch, indices = self.sampler.epoch, self.sampler.indices()
+        for start in range(0, len(indices) - self.batch_size + 1, self.batch_size):
+            yield epoch, indices[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+
+class _WorkerDataError:
+    """A DataError raised in a worker, sent as a value so its message arrives unchanged."""
+
+    def __init__(self, error: DataError):
+        self.error = error
+
+
+class _Batches(Dataset):
+    """Adapter that the torch DataLoader indexes with (epoch, indices) requests."""
+
+    def __init__(self, dataset: FaceDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, request):
+        epoch, indices = request
+        skipped = self.dataset.num_skipped
+        try:
+            images, labels = self.dataset.load_batch(indices, epoch)
+        except DataError as e:
+            return _WorkerDataError(e)
+        return images, labels, self.dataset.num_skipped - skipped
+
+
+def _as_is(batch):
+    return batch
+
+
+def _seed_worker(worker_id: int, base_seed: int) -> None:
+    seed = base_seed + worker_id
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    cv2.setNumThreads(1)  # the workers are the parallelism; OpenCV's own pool would oversubscribe
+    # torchrun delivers SIGTERM (pre-emption) to the whole process group. The training
+    # process answers it with a checkpoint at the next step, which needs its workers alive;
+    # they exit when the training process shuts the loader down (or dies).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class FaceDataLoader:
+    """Iterates (images float32 N x 3 x H x W, labels int64 N) on `device`, full batches only."""
+
+    def __init__(
+        self,
+        dataset: FaceDataset,
+        sampler: ResumableDistributedSampler,
+        batch_size: int,
+        *,
+        num_workers: int = 2,
+        seed: int = 2048,
+        rank: int = 0,
+        device: torch.device | str = "cpu",
+    ):
+        self.dataset, self.sampler, self.batch_size = dataset, sampler, batch_size
+        self.device = torch.device(device)
+        self.num_skipped = 0  # undecodable images replaced so far, over all workers
+        on_cuda = self.device.type == "cuda"
+        self._loader = DataLoader(
+            _Batches(dataset),
+            batch_size=None,
+            sampler=_BatchRequests(sampler, batch_size),
+            collate_fn=_as_is,
+            num_workers=num_workers,
+            pin_memory=on_cuda,
+            worker_init_fn=partial(_seed_worker, base_seed=seed + num_workers * rank),
+            persistent_workers=num_workers > 0,
+            # Its own generator: a DataLoader iterator otherwise draws its worker base seed
+            # from the global torch RNG, which would shift PartialFC's negative sampling
+            # between an uninterrupted run and a resumed one.
+            generator=torch.Generator().manual_seed(seed + rank),
+        )
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch."""
+        return self.sampler.num_samples // self.batch_size
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Next iteration yields epoch `epoch` from its batch `start_batch` on (resume)."""
+        self.sampler.set_epoch(epoch, start_batch)
+        self.dataset.set_epoch(epoch)
+
+    def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for item in self._loader:
+            if isinstance(item, _WorkerDataError):
+                raise item.error
+            images, labels, skipped = item
+            self.num_skipped += skipped
+            yield images, labels
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type == "cuda":
+            return _cuda_prefetch(self._host_batches(), self.device)
+        return ((normalize_batch(images.to(self.device)), labels.to(self.device)) for images, labels in self._host_batches())
+
+
+def _cuda_prefetch(batches, device: torch.device):
+    """Copy + normalise batch k+1 on a side stream while the caller works on batch k."""
+    stream = torch.cuda.Stream(device=device)
+
+    def stage(images: torch.Tensor, labels: torch.Tensor):
+        with torch.cuda.stream(stream):
+            images = normalize_batch(images.to(device, non_blocking=True))
+            labels = labels.to(device, non_blocking=True)
+        return images, labels
+
+    ahead = None
+    for host_images, host_labels in batches:
+        if ahead is None:
+            ahead = stage(host_images, host_labels)
+            continue
+        # Hand over first: the caller waits for this batch's copy only, not for the next one's.
+        ready = _hand_over(ahead, stream)
+        ahead = stage(host_images, host_labels)
+        yield ready
+    if ahead is not None:
+        yield _hand_over(ahead, stream)
+
+
+def _hand_over(batch, stream):
+    current = torch.cuda.current_stream(batch[0].device)
+    current.wait_stream(stream)
+    for tensor in batch:
+        # Allocated on the side stream, used on the current one: keep the memory until both are done.
+        tensor.record_stream(current)
+    return batch
+
+
+def get_dataloader(
+    root_dir: str | os.PathLike,
+    local_rank: int,
+    batch_size: int,
+    dali: bool = False,
+    seed: int = 2048,
+    num_workers: int = 2,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+    num_classes: int | None = None,
+    skip_bad_images: bool = False,
+    num_images: int | None = None,
+):
+    """The training loader for `root_dir`: "synthetic", a train.rec/train.idx folder, or an image folder.
+
+    Each rank reads its own shard (see ResumableDistributedSampler); `num_images` sets the
+    length of synthetic data only. `device` None: CUDA device `local_rank` if there is
+    CUDA, else the CPU.
+    """
+    if device is None:
+        device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if batch_size < 1:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    kind = dataset_kind(root_dir)
+    dataset = open_dataset(
+        root_dir, local_rank, seed=seed, num_classes=num_classes, skip_bad_images=skip_bad_images,
+        num_images=num_images,
+    )
+    share = len(dataset) // world_size
+    if batch_size > share:
+        raise DataError(
+            f"batch_size={batch_size} is larger than this rank's share of the data set {root_dir}: "
+            f"{len(dataset)} images / {world_size} ranks = {share} per rank"
+        )
+    sampler = ResumableDistributedSampler(
+        len(dataset), rank=rank, world_size=world_size, seed=seed, shuffle=kind != SYNTHETIC, batch_size=batch_size
+    )
+    if dali:
+        if kind == SYNTHETIC:
+            raise DataError("dali=True reads encoded images; it does not apply to rec='synthetic'")
+        from dataset.dali import DaliFaceLoader
+
+        return DaliFaceLoader(dataset, sampler, batch_size, device=device, num_threads=max(num_workers, 1), seed=seed)
+    return FaceDataLoader(
+        dataset, sampler, batch_size, num_workers=num_workers, seed=seed, rank=rank, device=device
+    )
