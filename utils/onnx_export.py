@@ -34,6 +34,9 @@ def export_onnx(
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript-based exporter needs no extra packages (the dynamo one needs onnxscript).
             warnings.simplefilter("ignore", category=DeprecationWarning)
+            # The backbones' 112x112 input check is Python control flow; H and W are static
+            # in the exported graph, so the tracer's warning about it says nothing new.
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
                 model,
                 (dummy,),
