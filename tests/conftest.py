@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,5 +10,6 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-# Reference files written by the real third-party tools (mxnet, Python 2).
-SHARED_TESTDATA = ROOT.parent / "shared" / "testdata"
+# Reference files written by the real third-party tools (mxnet, Python 2). ARCFACE_TESTDATA
+# points elsewhere when the checkout travels without its sibling folder (e.g. to a GPU box).
+SHARED_TESTDATA = Path(os.environ.get("ARCFACE_TESTDATA", ROOT.parent / "shared" / "testdata"))

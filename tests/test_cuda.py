@@ -1,0 +1,143 @@
+"""The CUDA paths: skipped without a GPU (CI), run on a GPU machine.
+
+    ARCFACE_TESTDATA=/path/to/shared/testdata python -m pytest -q tests/test_cuda.py
+
+Each test compares the CUDA result with the CPU one computed in the same test, so the
+GPU code is held to the numbers the CPU suite already checks.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARED_TESTDATA
+from helpers import PYTHON, REPO_ROOT, run_script
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda:0")
+
+
+def test_backbone_fp16_trunk_on_cuda_matches_fp32_cpu():
+    from backbones import get_model
+
+    torch.manual_seed(0)
+    reference = get_model("r18", num_features=128).eval()
+    fast = get_model("r18", num_features=128, fp16=True).eval()
+    fast.load_state_dict(reference.state_dict())
+    fast = fast.to(CUDA).to(memory_format=torch.channels_last)
+    x = torch.rand(8, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        want = reference(x)
+        got = fast(x.to(CUDA).contiguous(memory_format=torch.channels_last)).cpu()
+    assert got.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert cosine.min() > 0.999, cosine
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_partial_fc_and_sampled_sgd_step_on_cuda_match_cpu(sample_rate):
+    from losses import CombinedMarginLoss, PartialFC
+    from utils.optim import build_optimizer
+
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        head = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 64, 1000, sample_rate, check_labels=device == "cpu")
+        head = head.to(device)
+        embeddings = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+        labels = torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(2)).to(device)
+        optimizer = build_optimizer("sgd", [], head.parameters(), lr=0.1, weight_decay=5e-4, device_type=device)
+        if sample_rate < 1.0:
+            # The same negatives on both devices: sample on the CPU, then move the choice.
+            index, _ = head.sample(torch.full((32,), -1, dtype=torch.long))
+            head.sample = _fixed_sample(index.to(device))
+        loss = head(embeddings, labels)
+        loss.backward()
+        optimizer.step()
+        results.append((loss.item(), embeddings.grad.cpu(), head.weight.detach().cpu()))
+    (loss_cpu, grad_cpu, w_cpu), (loss_gpu, grad_gpu, w_gpu) = results
+    assert loss_gpu == pytest.approx(loss_cpu, rel=1e-4)
+    torch.testing.assert_close(grad_gpu, grad_cpu, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(w_gpu, w_cpu, rtol=1e-4, atol=1e-6)
+
+
+def _fixed_sample(index):
+    def sample(local_targets):
+        # Positives must be in the index; add them to the fixed negatives.
+        positive = torch.unique(local_targets[local_targets >= 0])
+        merged = torch.unique(torch.cat([index, positive]))
+        remapped = local_targets.clone()
+        hit = local_targets >= 0
+        remapped[hit] = torch.searchsorted(merged, local_targets[hit])
+        return merged, remapped
+
+    return sample
+
+
+def test_loader_prefetches_normalised_batches_onto_the_gpu(tmp_path):
+    from dataset import get_dataloader
+
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(SHARED_TESTDATA / "ms1m_style" / name, tmp_path / name)
+    batches = {}
+    for device in ("cpu", "cuda"):
+        loader = get_dataloader(str(tmp_path), 0, 8, seed=7, num_workers=1, device=device)
+        loader.set_epoch(0)
+        batches[device] = [(x.to("cpu"), y.to("cpu"), x.device.type) for x, y in loader]
+    assert [b[2] for b in batches["cuda"]] == ["cuda"] * 6
+    for (x_cpu, y_cpu, _), (x_gpu, y_gpu, _) in zip(batches["cpu"], batches["cuda"]):
+        torch.testing.assert_close(x_gpu, x_cpu)
+        assert torch.equal(y_gpu, y_cpu)
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_train_fp16_with_grad_scaler_on_cuda(tmp_path, launcher):
+    """fp16=True on CUDA: float16 autocast + GradScaler, model.pt and model.onnx, alone and under
+    torchrun. (NCCL itself needs two GPUs: two ranks may not share one device.)"""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    for name in ("train.rec", "train.idx", "property"):
+        shutil.copy(SHARED_TESTDATA / "ms1m_style" / name, rec / name)
+    shutil.copy(SHARED_TESTDATA / "lfw_style.bin", rec / "lfw_style.bin")
+    out = tmp_path / "run"
+    prefix = [PYTHON] if launcher == "python" else [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    run_script([
+        *prefix, REPO_ROOT / "train.py", "configs/ms1mv3_r50", f"--rec={rec}", f"--output={out}",
+        "--network=r18", "--num_classes=12", "--num_image=48", "--batch_size=8", "--num_epoch=2",
+        "--frequent=2", "--fp16=True", "--val_targets=['lfw_style']", "--verbose=4", "--sample_rate=0.5",
+        "--embedding_size=128",
+    ], timeout=600)
+    log = (out / "training.log").read_text()
+    assert "precision fp16" in log and "grad scale" in log
+    assert "world size 1" in log and "cuda" in log
+    assert "[lfw_style][4]Accuracy-Flip" in log
+    assert json.loads((out / "checkpoints" / "step_000000012" / "manifest.json").read_text())["global_step"] == 12
+    state = torch.load(out / "checkpoints" / "step_000000012" / "checkpoint_gpu_0.pt", weights_only=True)
+    assert state["state_scaler"] and state["state_scaler"]["scale"] > 0
+
+    import onnxruntime as ort
+    from backbones import get_model
+
+    model = get_model("r18", num_features=128)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
+    with torch.no_grad():
+        want = model.eval()(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"data": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()), rtol=0)
+
+
+def test_verification_embedding_on_cuda_matches_cpu():
+    from backbones import get_model
+    from utils.verification import embed_verification_set, load_bin
+
+    data, issame = load_bin(str(SHARED_TESTDATA / "lfw_style.bin"))
+    torch.manual_seed(0)
+    model = get_model("mbf", num_features=64).eval()
+    cpu, xnorm_cpu = embed_verification_set(data, model, batch_size=16)
+    gpu, xnorm_gpu = embed_verification_set(data, model.to(CUDA), batch_size=16)
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+    assert xnorm_gpu == pytest.approx(xnorm_cpu, rel=1e-4)
