@@ -157,3 +157,18 @@ def test_verification_embedding_on_cuda_matches_cpu():
     np.testing.assert_allclose(gpu, cpu, atol=2e-3)
     assert (gpu * cpu).sum(axis=1).min() > 0.9999
     assert xnorm_gpu == pytest.approx(xnorm_cpu, rel=1e-3)
+
+
+def test_float16_evaluation_of_an_untrained_iresnet_stays_finite():
+    """Before the first step BatchNorm statistics are untrained and float16 overflows; the
+    evaluation falls back to float32 for such batches instead of reporting NaN."""
+    from backbones import get_model
+    from utils.verification import embed_verification_set, load_bin
+
+    data, _ = load_bin(str(SHARED_TESTDATA / "lfw_style.bin"))
+    torch.manual_seed(0)
+    model = get_model("r18", num_features=64).to(CUDA)
+    fp32, _ = embed_verification_set(data, model, batch_size=8)
+    fp16, _ = embed_verification_set(data, model, batch_size=8, amp_dtype=torch.float16)
+    assert np.isfinite(fp16).all()
+    assert (fp16 * fp32).sum(axis=1).min() > 0.999

@@ -311,7 +311,13 @@ def _embed_batches(
                     x = source[idx].to(device, non_blocking=True).float()
                     x = x.div_(255).sub_(0.5).div_(0.5)
                     with autocast:
-                        pair.append(model(x).float())
+                        out = model(x).float()
+                    # float16's range is small: a network whose BatchNorm statistics are not yet
+                    # trained (evaluation before the first step) can overflow it. Such a batch
+                    # is embedded again in float32 rather than scored as NaN.
+                    if amp_dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+                        out = model(x).float()
+                    pair.append(out)
                 outputs.append(torch.stack(pair, dim=1))
                 if progress is not None:
                     progress(idx.numel())
