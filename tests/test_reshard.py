@@ -154,4 +154,4 @@ def test_translate_position(saved, new, expected):
     epoch, batch, saved_batch = saved
     global_batch, acc, steps_per_epoch = new
     pos = translate_position(epoch, batch, saved_batch, global_batch, acc, steps_per_epoch)
-    assert (pos.epoch, pos.batch_in_epoch, pos.global_step) == expected
+    assert (pos.epoch, pos.batch_in_epoch, pos.schedule_step) == expected

@@ -230,6 +230,11 @@ def save_set(
     rank failed to write (the incomplete set is removed; earlier sets are untouched).
     """
     set_dir = Path(output) / CHECKPOINT_DIR / set_dirname(step)
+    if ctx.is_main and set_dir.exists():
+        # Left by an attempt that crashed mid-save, or by a timeline abandoned on resume:
+        # its files must not mix with this save's.
+        shutil.rmtree(set_dir, ignore_errors=True)
+    ctx.barrier()
     error = None
     try:
         set_dir.mkdir(parents=True, exist_ok=True)
@@ -296,6 +301,23 @@ def _mirror(set_dir: Path, output: Path, rank: int) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def set_aside_newer(output: str | os.PathLike, step: int) -> list[Path]:
+    """Rename the complete sets newer than `step` to step_N.unreadable (kept for inspection).
+
+    Called once a run resumed from the set of `step` because the newer ones could not be
+    read: otherwise pruning would count them among the sets to keep and delete good ones.
+    """
+    moved = []
+    complete, _ = list_sets(output)
+    for cset in complete:
+        if cset.step > step:
+            target = cset.path.with_name(f"{cset.path.name}.unreadable")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(cset.path, target)
+            moved.append(target)
+    return moved
 
 
 def prune(output: str | os.PathLike, keep: int) -> None:

@@ -235,7 +235,7 @@ def load_for_rank(cset: CheckpointSet, ctx, map_location="cpu") -> dict:
 class Position:
     epoch: int
     batch_in_epoch: int  # batches of the new global batch already consumed in `epoch`
-    global_step: int
+    schedule_step: int  # optimizer steps of the new plan up to this position
 
 
 def translate_position(
@@ -248,10 +248,10 @@ def translate_position(
     samples of the epoch's permutation. The new run skips as many whole new global
     batches (of whole optimizer steps) as fit into those samples: when b * G is a
     multiple of the new global batch it continues with exactly the samples the old run
-    would have seen next; otherwise it repeats fewer than one optimizer step's samples.
-    The step count is what the new run would have reached at that position
-    (epoch * steps_per_epoch + steps of this epoch), so the learning-rate schedule and
-    the remaining steps follow the new total.
+    would have seen next; otherwise it sees again fewer than one optimizer step's
+    samples. `schedule_step` is the step the new run would have reached at that position
+    (epoch * steps_per_epoch + steps of this epoch): the learning-rate schedule and the
+    remaining steps continue from there.
 
     `saved_global_batch` and `global_batch` are per batch (batch_size * world_size);
     `steps_per_epoch` and `gradient_acc` are the new run's.
