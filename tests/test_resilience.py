@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,32 @@ def _expected_loss(rec, backbone_state, centres, epoch, start_batch, world_size)
         return float(head(torch.cat(embeddings), torch.cat(labels)))
 
 
+class _Deadline:
+    """Stops launched torchrun agents (SIGTERM, which they pass on to their workers) when the
+    test leaves the block or after `seconds`: a hang fails the test instead of blocking it."""
+
+    def __init__(self, procs, seconds=240):
+        self.procs, self.timer = procs, threading.Timer(seconds, self.stop)
+
+    def stop(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.cancel()
+        self.stop()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def _set_names(output):
     return sorted(p.name for p in (Path(output) / "checkpoints").iterdir())
 
@@ -108,18 +135,19 @@ def test_resume_on_one_rank_after_a_corrupt_newest_set(rec, two_rank_run, tmp_pa
     corrupt = out / "checkpoints" / "step_000000003" / "checkpoint_gpu_1.pt"
     corrupt.write_bytes(corrupt.read_bytes()[:1000])  # truncated, as by a crash without atomic rename
 
-    _train([PYTHON], rec, out, "--resume=True", "--save_every_steps=0")
+    _train([PYTHON], rec, out, "--resume=True", "--save_every_steps=0", "--max_steps=7")
     log = (out / "training.log").read_text()
     assert "cannot resume from" in log and "step_000000003" in log and "corrupt" in log
     assert "resumed from" in log and "step_000000002: epoch 0, batch 2, global step 2" in log
-    # 2 batches of 2 x 4 = 16 samples seen -> batch 4 of 4 samples; the schedule is at step 4 of 12
+    # 2 batches of 2 x 4 = 16 samples seen -> batch 4 of 4 samples; the schedule (12 steps per
+    # epoch at batch 4, capped at 7) is at its step 4
     assert "16 samples of epoch 0 were seen, continuing at batch 4 of epoch 0 (16 samples)" in log
-    assert "step 2 continues at step 4 of the 12-step learning-rate schedule: the run ends at step 10 (8 remaining)" in log
-    assert "step 10/10 (100.0%)" in log
-    assert _set_names(out) == ["step_000000002", "step_000000003.unreadable", "step_000000010"]
-    final = _load(out / "checkpoints" / "step_000000010" / "checkpoint_gpu_0.pt")
+    assert "step 2 continues at step 4 of the 7-step learning-rate schedule: the run ends at step 5 (3 remaining)" in log
+    assert "step 5/5 (100.0%)" in log
+    assert _set_names(out) == ["step_000000002", "step_000000003.unreadable", "step_000000005"]
+    final = _load(out / "checkpoints" / "step_000000005" / "checkpoint_gpu_0.pt")
     assert final["world_size"] == 1 and final["state_dict_softmax_fc"]["weight"].shape == (NUM_CLASSES, DIM)
-    assert (final["epoch"], final["batch_in_epoch"]) == (1, 0)
+    assert (final["epoch"], final["batch_in_epoch"]) == (0, 7)
 
     saved = [_load(two_rank_run / "checkpoints" / "step_000000002" / f"checkpoint_gpu_{r}.pt") for r in (0, 1)]
     centres = torch.cat([s["state_dict_softmax_fc"]["weight"] for s in saved])
@@ -127,17 +155,25 @@ def test_resume_on_one_rank_after_a_corrupt_newest_set(rec, two_rank_run, tmp_pa
     assert _logged_loss(out, 3) == pytest.approx(expected, rel=1e-4)
 
 
-def test_merge_and_split_tool(two_rank_run, tmp_path):
-    tool = REPO_ROOT / "tools" / "partial_fc_shards.py"
-    merged = tmp_path / "merged.pt"
-    proc = run_script([PYTHON, tool, "merge", two_rank_run, merged])
+TOOL = REPO_ROOT / "tools" / "partial_fc_shards.py"
+
+
+@pytest.fixture(scope="module")
+def merged(two_rank_run, tmp_path_factory):
+    """tools/partial_fc_shards.py merge of the two-rank run's newest set."""
+    path = tmp_path_factory.mktemp("merged") / "merged.pt"
+    proc = run_script([PYTHON, TOOL, "merge", two_rank_run, path])
     assert "merged 2 shards" in proc.stdout and f"({NUM_CLASSES}, {DIM})" in proc.stdout
+    return path
+
+
+def test_merge_and_split_tool(two_rank_run, merged, tmp_path):
     state = _load(merged)
     shards = [_load(two_rank_run / "checkpoints" / "step_000000003" / f"checkpoint_gpu_{r}.pt") for r in (0, 1)]
     assert torch.equal(state["state_dict_softmax_fc"]["weight"], torch.cat([s["state_dict_softmax_fc"]["weight"] for s in shards]))
     assert state["world_size"] == 1 and state["global_step"] == 3
 
-    proc = run_script([PYTHON, tool, "split", merged, tmp_path / "three", "--world-size=3"])
+    proc = run_script([PYTHON, TOOL, "split", merged, tmp_path / "three", "--world-size=3"])
     (set_dir,) = (tmp_path / "three" / "checkpoints").iterdir()
     assert set_dir.name == "step_000000003" and (set_dir / "manifest.json").exists()
     parts = [_load(set_dir / f"checkpoint_gpu_{r}.pt") for r in range(3)]
@@ -145,39 +181,38 @@ def test_merge_and_split_tool(two_rank_run, tmp_path):
     assert torch.equal(torch.cat([p["state_dict_softmax_fc"]["weight"] for p in parts]), state["state_dict_softmax_fc"]["weight"])
 
     one_shard = two_rank_run / "checkpoints" / "step_000000003" / "checkpoint_gpu_1.pt"
-    refused = run_script([PYTHON, tool, "split", one_shard, tmp_path / "x", "--world-size=2"], check=False)
+    refused = run_script([PYTHON, TOOL, "split", one_shard, tmp_path / "x", "--world-size=2"], check=False)
     assert refused.returncode == 1 and "merge the set first" in refused.stderr
 
 
 @pytest.fixture(scope="module")
-def fine_tuned(rec, two_rank_run, tmp_path_factory):
+def fine_tuned(rec, two_rank_run, merged, tmp_path_factory):
     """A single-process run started from the two-rank run's weights (6 steps, then stopped by max_steps)."""
     folder = tmp_path_factory.mktemp("fine")
     backbone = _load(two_rank_run / "model.pt")
     torch.save({f"module.{k}": v for k, v in backbone.items()}, folder / "backbone.pth")  # as saved from DDP
-    run_script([PYTHON, REPO_ROOT / "tools" / "partial_fc_shards.py", "merge", two_rank_run, folder / "merged.pt"])
     out = folder / "run"
     _train(
-        [PYTHON], rec, out, f"--pretrained={folder / 'backbone.pth'}", f"--pretrained_fc={folder / 'merged.pt'}",
+        [PYTHON], rec, out, f"--pretrained={folder / 'backbone.pth'}", f"--pretrained_fc={merged}",
         "--max_steps=6", "--save_every_steps=0",
     )
-    return folder, out
+    return out
 
 
-def test_fine_tuning_starts_from_the_pretrained_weights(rec, two_rank_run, fine_tuned):
-    folder, out = fine_tuned
+def test_fine_tuning_starts_from_the_pretrained_weights(rec, two_rank_run, merged, fine_tuned):
+    out = fine_tuned
     log = (out / "training.log").read_text()
     assert "backbone initialised from" in log and "class centres initialised from" in log
-    merged = _load(folder / "merged.pt")
     expected = _expected_loss(
-        rec, _load(two_rank_run / "model.pt"), merged["state_dict_softmax_fc"]["weight"], epoch=0, start_batch=0, world_size=1
+        rec, _load(two_rank_run / "model.pt"), _load(merged)["state_dict_softmax_fc"]["weight"], epoch=0, start_batch=0,
+        world_size=1,
     )
     assert _logged_loss(out, 1) == pytest.approx(expected, rel=1e-4)
 
 
 def test_two_torchrun_agents_resume_a_one_rank_run_on_three_ranks(rec, fine_tuned, tmp_path):
     """Multi-node launch on this machine: --nnodes=2 with c10d rendezvous, 1 + 2 gloo workers."""
-    _, source = fine_tuned
+    source = fine_tuned
     out = tmp_path / "run"
     shutil.copytree(source, out)
     port = free_port()
@@ -190,7 +225,8 @@ def test_two_torchrun_agents_resume_a_one_rank_run_on_three_ranks(rec, fine_tune
         )
         for n in (1, 2)
     ]
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    with _Deadline(agents):
+        outputs = [agent.communicate()[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
 
     log = (out / "training.log").read_text()
@@ -233,15 +269,16 @@ def test_killed_worker_is_restarted_and_the_run_finishes(rec, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(list(map(str, args)), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
-    for line in proc.stdout:  # after the step-2 checkpoint, kill one worker outright
-        lines.append(line)
-        if "step 3/6" in line:
-            workers = _workers_of(proc.pid)
-            assert len(workers) == 2, workers
-            os.kill(workers[-1], signal.SIGKILL)
-            break
-    lines.extend(proc.stdout)
-    proc.wait(timeout=300)
+    with _Deadline([proc]):
+        for line in proc.stdout:  # after the step-2 checkpoint, kill one worker outright
+            lines.append(line)
+            if "step 3/6" in line:
+                workers = _workers_of(proc.pid)
+                assert len(workers) == 2, workers
+                os.kill(workers[-1], signal.SIGKILL)
+                break
+        lines.extend(proc.stdout)
+        proc.wait()
     output = "".join(lines)
     assert proc.returncode == 0, output[-4000:]
 
@@ -261,12 +298,12 @@ def test_non_finite_losses_never_update_the_weights_and_stop_the_run(rec, tmp_pa
     """lr=1e30: step 1 blows the weights up, every later forward pass gives a non-finite loss."""
     out = tmp_path / "run"
     blow_up = ["--lr=1e30", "--batch_size=8", "--save_every_steps=1"]
-    _train([PYTHON], rec, out, *blow_up, "--max_steps=4", "--max_nonfinite_steps=0")  # 0: never stop
+    _train([PYTHON], rec, out, *blow_up, "--max_steps=3", "--max_nonfinite_steps=0")  # 0: never stop
     log = (out / "training.log").read_text()
-    assert "skipped non-finite steps 3" in log and log.count("no checkpoint written, the previous one is kept") == 3
+    assert "skipped non-finite steps 2" in log and log.count("no checkpoint written, the previous one is kept") == 2
     assert _set_names(out) == ["step_000000001"]
     step1 = _load(out / "checkpoints" / "step_000000001" / "checkpoint_gpu_0.pt")["state_dict_backbone"]
-    final = _load(out / "model.pt")  # after three skipped steps
+    final = _load(out / "model.pt")  # after two skipped steps
     assert all(torch.equal(final[k], step1[k]) for k in step1), "a skipped step changed weights or BatchNorm statistics"
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
