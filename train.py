@@ -85,6 +85,7 @@ class _StopRequest:
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._pending = None  # (work, device flag, host copy, copy done) of the last step's vote
 
     def install(self) -> None:
         self._previous = signal.signal(signal.SIGTERM, self._handler)
@@ -93,8 +94,34 @@ class _StopRequest:
         self.requested = True
 
     def agreed(self, ctx: DistContext) -> bool:
-        """True on every rank when any rank was asked to stop (collective)."""
-        return _any_rank(self.requested, ctx)
+        """True on every rank, at the same step, once any rank was asked to stop.
+
+        Collective, called after every optimizer step. The ranks' flags are combined by a
+        non-blocking all_reduce whose result is read one step later: the host waits only
+        for the previous step to finish (the current one is already queued), so the GPU
+        never idles for this check, and every rank reads the same votes in the same order.
+        """
+        if not ctx.is_distributed:
+            return self.requested
+        if self._pending is not None:
+            work, _, host, copied = self._pending
+            work.wait()
+            if copied is not None:
+                copied.synchronize()
+            self._pending = None
+            if int(host.item()):
+                return True  # no new vote: every rank returns here at the same step
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=ctx.device)
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        host, copied = flag, None
+        if flag.is_cuda:
+            work.wait()  # on CUDA: orders the copy after the all_reduce without blocking the host
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self._pending = (work, flag, host, copied)
+        return False
 
 
 def train(cfg: Config, ctx: DistContext) -> int:
@@ -394,8 +421,8 @@ def train(cfg: Config, ctx: DistContext) -> int:
                 nonfinite.check(global_step)
                 if ctx.is_main:
                     _log_progress(logger, writer, report, global_step, total_steps, epoch, step_lr, scaler, nonfinite, format_duration)
-                if stop.agreed(ctx):
-                    stopped_early = True
+            if stop.agreed(ctx):
+                stopped_early = True
             if global_step % cfg.verbose == 0 and not finished:
                 last_eval = verification(global_step, backbone_module)
                 last_eval_step = global_step
