@@ -20,7 +20,6 @@ global batch size (see its docstring).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
