@@ -69,12 +69,23 @@ class UserInputError(ValueError):
     """A problem with the run's input found by the training script itself."""
 
 
+class _Warnings:
+    """Takes a logger's warnings before the log file exists, to log them once it does."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def warning(self, message: str, *args) -> None:
+        self.messages.append(message % args if args else message)
+
+
 class _StopRequest:
     """SIGTERM (pre-emption) sets a flag; the loop checkpoints at the next agreed step and exits."""
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._pending = None  # (work, device flag, host copy, copy done) of the last step's vote
 
     def install(self) -> None:
         self._previous = signal.signal(signal.SIGTERM, self._handler)
@@ -83,12 +94,34 @@ class _StopRequest:
         self.requested = True
 
     def agreed(self, ctx: DistContext) -> bool:
-        """True on every rank when any rank was asked to stop (collective)."""
+        """True on every rank, at the same step, once any rank was asked to stop.
+
+        Collective, called after every optimizer step. The ranks' flags are combined by a
+        non-blocking all_reduce whose result is read one step later: the host waits only
+        for the previous step to finish (the current one is already queued), so the GPU
+        never idles for this check, and every rank reads the same votes in the same order.
+        """
         if not ctx.is_distributed:
             return self.requested
+        if self._pending is not None:
+            work, _, host, copied = self._pending
+            work.wait()
+            if copied is not None:
+                copied.synchronize()
+            self._pending = None
+            if int(host.item()):
+                return True  # no new vote: every rank returns here at the same step
         flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=ctx.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        work = torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        host, copied = flag, None
+        if flag.is_cuda:
+            work.wait()  # on CUDA: orders the copy after the all_reduce without blocking the host
+            host = torch.empty(1, dtype=torch.int32, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self._pending = (work, flag, host, copied)
+        return False
 
 
 def train(cfg: Config, ctx: DistContext) -> int:
@@ -138,6 +171,10 @@ def train(cfg: Config, ctx: DistContext) -> int:
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
         warmup_steps = min(warmup_steps, total_steps - 1)
+    # The lr schedule spans the planned steps; `schedule_step` is the data position in that
+    # plan and `total_steps` the step count at which this run ends. They differ from
+    # global_step only after a resume with another global batch size (see below).
+    schedule_steps, schedule_step = total_steps, 0
 
     _seed_everything(cfg.seed + ctx.rank)
 
@@ -169,12 +206,20 @@ def train(cfg: Config, ctx: DistContext) -> int:
 
     # resume, or start from pretrained weights
     start_epoch, start_batch, global_step = 0, 0, 0
-    resume_state = None
+    resume_state = resumed_set = None
+    skipped_sets = _Warnings()  # sets that could not be read, logged once the log file exists
     if resume:
-        resume_state, cset = ckpt.load_newest(cfg.output, ctx, logger, map_location="cpu", loader=_resume_loader())
+        resume_state, cset = ckpt.load_newest(cfg.output, ctx, skipped_sets, map_location="cpu", loader=_resume_loader())
+        if resume_state is None and ckpt.candidate_sets(cfg.output):
+            # Starting anew here would later prune the unreadable sets as "older": refuse instead.
+            raise UserInputError(
+                f"none of the checkpoints in {cfg.output} can be read ({'; '.join(skipped_sets.messages) or 'see rank 0'}); "
+                f"move them away to start a new run there"
+            )
         if resume_state is None:
-            notes.append(f"resume requested but {cfg.output} holds no usable checkpoint: starting from scratch")
+            notes.append(f"resume requested but {cfg.output} holds no complete checkpoint: starting from scratch")
         else:
+            resumed_set = cset
             _check_compatible(resume_state, cfg, num_classes, cset)
             if "state_dict_backbone" in resume_state:
                 backbone.load_state_dict(resume_state["state_dict_backbone"], strict=True)
@@ -183,6 +228,18 @@ def train(cfg: Config, ctx: DistContext) -> int:
             start_batch = int(resume_state.get("batch_in_epoch", 0))
             global_step = int(resume_state["global_step"])
             notes.append(f"resumed from {cset.path}: epoch {start_epoch}, batch {start_batch}, global step {global_step}")
+            start_epoch, start_batch = _continue_position(
+                resume_state, cfg, ctx, start_epoch, start_batch, global_batch, steps_per_epoch, notes
+            )
+            # global_step keeps counting the steps taken, so checkpoint names never go backwards;
+            # the schedule continues from the position in this run's plan.
+            schedule_step = start_epoch * steps_per_epoch + start_batch // cfg.gradient_acc
+            total_steps = global_step + max(0, schedule_steps - schedule_step)
+            if schedule_step != global_step:
+                notes.append(
+                    f"step {global_step} continues at step {schedule_step} of the {schedule_steps}-step learning-rate "
+                    f"schedule: the run ends at step {total_steps} ({total_steps - global_step} remaining)"
+                )
     if resume_state is None:
         notes.extend(_load_pretrained(cfg, backbone, partial_fc))
 
@@ -203,6 +260,11 @@ def train(cfg: Config, ctx: DistContext) -> int:
             logger.warning("using_wandb is set but wandb is not supported; metrics go to TensorBoard in %s/tensorboard", cfg.output)
         for note in notes:
             logger.info(note)
+        for message in skipped_sets.messages:
+            logger.warning(message)
+        if resumed_set is not None:
+            for path in ckpt.set_aside_newer(cfg.output, resumed_set.step):
+                logger.warning("unreadable checkpoint set renamed to %s", path)
 
     backbone_module = backbone  # the plain module: what is saved, evaluated and exported
     model = torch.compile(backbone) if cfg.compile else backbone
@@ -219,11 +281,13 @@ def train(cfg: Config, ctx: DistContext) -> int:
         cfg.optimizer, backbone_module.parameters(), partial_fc.parameters(),
         lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, device_type=device.type,
     )
-    scheduler = PolyScheduler(optimizer, cfg.lr, total_steps, warmup_steps)
+    scheduler = PolyScheduler(optimizer, cfg.lr, schedule_steps, warmup_steps)
     scaler = torch.amp.GradScaler(device.type) if precision.use_grad_scaler else None
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["state_optimizer"])
-        scheduler.load_state_dict(resume_state["state_lr_scheduler"])
+        # The schedule follows this run's plan (its length may differ from the saved run's:
+        # another world size or num_epoch); only the position comes from the checkpoint.
+        scheduler.last_epoch = schedule_step
         for group in optimizer.param_groups:  # the scheduler's lr for the next step
             group["lr"] = scheduler.lr_at(scheduler.last_epoch)
         if scaler is not None and resume_state.get("state_scaler"):
@@ -255,11 +319,15 @@ def train(cfg: Config, ctx: DistContext) -> int:
     stop = _StopRequest()
     stop.install()
     meter = SpeedMeter(global_batch * cfg.gradient_acc, total_steps, start_step=global_step)
-    nonfinite = _NonFiniteGuard(cfg.max_nonfinite_steps, device)
+    nonfinite = _NonFiniteGuard(cfg.max_nonfinite_steps, device, backbone_module.buffers())
     first_eval = last_eval = None
     last_eval_step = -1
 
     def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        if _any_rank(nonfinite.check(global_step), ctx):
+            if ctx.is_main:
+                logger.warning("step %d was skipped (non-finite loss or gradient): no checkpoint written, the previous one is kept", global_step)
+            return
         state = {
             "epoch": epoch,
             "batch_in_epoch": batch_in_epoch,
@@ -338,6 +406,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
             if scaler is not None:
                 scaler.step(optimizer)  # skips the update when the scaled gradients overflowed
                 scaler.update()
+                nonfinite.count_loss()
             else:
                 nonfinite.step(optimizer, grad_norm)  # skips the update when loss or gradients are not finite
             optimizer.zero_grad(set_to_none=True)
@@ -352,8 +421,8 @@ def train(cfg: Config, ctx: DistContext) -> int:
                 nonfinite.check(global_step)
                 if ctx.is_main:
                     _log_progress(logger, writer, report, global_step, total_steps, epoch, step_lr, scaler, nonfinite, format_duration)
-                if stop.agreed(ctx):
-                    stopped_early = True
+            if stop.agreed(ctx):
+                stopped_early = True
             if global_step % cfg.verbose == 0 and not finished:
                 last_eval = verification(global_step, backbone_module)
                 last_eval_step = global_step
@@ -455,6 +524,30 @@ def _resume_loader():
     return load_for_rank
 
 
+def _continue_position(state, cfg, ctx, epoch, batch, global_batch, steps_per_epoch, notes) -> tuple[int, int]:
+    """The saved (epoch, batch), mapped onto this run's global batch when that changed (utils.reshard)."""
+    from utils.reshard import translate_position
+
+    run = state.get("run") or {}
+    saved_world = int(state.get("resharded_from_world_size", ctx.world_size))
+    saved_batch = int(run.get("global_batch_size", cfg.batch_size * saved_world))
+    saved_acc = int(run.get("gradient_acc", cfg.gradient_acc))
+    if (saved_batch, saved_acc) == (global_batch, cfg.gradient_acc):
+        return epoch, batch
+    pos = translate_position(epoch, batch, saved_batch, global_batch, cfg.gradient_acc, steps_per_epoch)
+    notes.append(
+        f"the checkpoint was saved by {_ranks(saved_world)} with a global batch of {saved_batch} x {saved_acc} "
+        f"accumulation, this run has {_ranks(ctx.world_size)} and {global_batch} x {cfg.gradient_acc}: "
+        f"{batch * saved_batch} samples of epoch {epoch} were seen, continuing at batch {pos.batch_in_epoch} of "
+        f"epoch {pos.epoch} ({pos.batch_in_epoch * global_batch} samples)"
+    )
+    return pos.epoch, pos.batch_in_epoch
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'' if n == 1 else 's'}"
+
+
 def _check_compatible(state: dict, cfg: Config, num_classes: int, cset) -> None:
     run = state.get("run")
     where = f"checkpoint {cset.path}"
@@ -500,6 +593,8 @@ def _load_pretrained(cfg: Config, backbone, partial_fc) -> list[str]:
             state = torch.load(cfg.pretrained_fc, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise CheckpointError(f"cannot read pretrained class centres {cfg.pretrained_fc}: {type(exc).__name__}: {exc}") from None
+        if isinstance(state, dict) and "state_dict_softmax_fc" in state:  # tools/partial_fc_shards.py merge
+            state = state["state_dict_softmax_fc"]
         weight = state.get("weight") if isinstance(state, dict) else state
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise UserInputError(f"{cfg.pretrained_fc} holds no [num_classes, embedding_size] 'weight' tensor")
@@ -520,43 +615,78 @@ class _NonFiniteGuard:
 
     The decision stays on the device (the fused optimizers skip the update when
     told `found_inf`), so steps that do not log never wait for it; the counters
-    are read when a progress line is printed.
+    are read by check(), at log and checkpoint steps. The forward pass of a
+    skipped step has already written its (typically NaN) batch statistics into the
+    BatchNorm running averages; check() puts back their copy from the last check
+    with no skipped step since, so neither the model nor a checkpoint keeps them.
     """
 
-    def __init__(self, max_consecutive: int, device: torch.device):
+    def __init__(self, max_consecutive: int, device: torch.device, buffers):
         self.max_consecutive = max_consecutive
         self.loss_finite = torch.ones((), dtype=torch.bool, device=device)
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.run = torch.zeros((), dtype=torch.int64, device=device)
         self.longest_run = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_total = 0
+        self.buffers = list(buffers)  # running mean/var and num_batches_tracked
+        self.good_buffers = [b.detach().clone() for b in self.buffers]
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self.loss_finite = self.loss_finite & torch.isfinite(loss.detach())
+
+    def _count(self, finite: torch.Tensor) -> None:
+        bad = (~finite).to(torch.int64)
+        self.skipped += bad
+        self.run = (self.run + 1) * bad
+        self.longest_run = torch.maximum(self.longest_run, self.run)
+        self.loss_finite = torch.ones_like(self.loss_finite)
 
     def step(self, optimizer, grad_norm) -> None:
         finite = self.loss_finite
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm)
-        bad = (~finite).to(torch.int64)
-        self.skipped += bad
-        self.run = (self.run + 1) * bad
-        self.longest_run = torch.maximum(self.longest_run, self.run)
+        self._count(finite)
         optimizer.found_inf = (~finite).to(torch.float32)
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
-        self.loss_finite = torch.ones_like(self.loss_finite)
 
-    def check(self, step: int) -> None:
-        self.skipped_total = int(self.skipped.item())
+    def count_loss(self) -> None:
+        """With a GradScaler (which skips overflowing updates itself): count a non-finite
+        loss, an overflow in the forward pass that no loss scale can fix."""
+        self._count(self.loss_finite)
+
+    def check(self, step: int) -> bool:
+        """Read the counters and repair the BatchNorm statistics; True if the latest step was skipped.
+
+        Raises after max_consecutive skipped steps in a row.
+        """
+        skipped = int(self.skipped.item())
+        with torch.no_grad():
+            if skipped > self.skipped_total:
+                for buffer, good in zip(self.buffers, self.good_buffers):
+                    buffer.copy_(good)
+            else:
+                for buffer, good in zip(self.buffers, self.good_buffers):
+                    good.copy_(buffer)
+        self.skipped_total = skipped
         if self.max_consecutive > 0 and int(self.longest_run.item()) >= self.max_consecutive:
             raise UserInputError(
                 f"{int(self.longest_run.item())} consecutive steps up to step {step} had a non-finite loss or "
                 f"gradient (max_nonfinite_steps={self.max_consecutive}); stopping. The last checkpoint is intact: "
                 f"lower lr, check the data, or use precision='fp32'"
             )
+        return bool(self.run.item())
+
+
+def _any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when `flag` is true on any rank (collective)."""
+    if not ctx.is_distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _log_progress(logger, writer, report, step, total, epoch, lr, scaler, nonfinite, format_duration) -> None:

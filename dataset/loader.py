@@ -8,8 +8,10 @@ raised again in the main process with their own message.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import weakref
 import signal
 from functools import partial
 from typing import Iterator
@@ -115,6 +117,20 @@ class FaceDataLoader:
             # between an uninterrupted run and a resumed one.
             generator=torch.Generator().manual_seed(seed + rank),
         )
+        if num_workers > 0:
+            # The workers ignore SIGTERM (_seed_worker), and multiprocessing's exit handler
+            # stops daemonic children with SIGTERM and then joins them: a process leaving on
+            # an exception (a dead peer under torchrun, say) would wait there until torchrun
+            # kills it, delaying the elastic restart. Handlers run last-registered first, so
+            # this one asks the workers to finish before multiprocessing's runs.
+            atexit.register(_close_at_exit, weakref.ref(self))
+
+    def close(self) -> None:
+        """Stop the worker processes (they are started again by the next iteration)."""
+        iterator = getattr(self._loader, "_iterator", None)  # persistent workers live here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self._loader._iterator = None
 
     def __len__(self) -> int:
         """Batches in a whole epoch."""
@@ -137,6 +153,12 @@ class FaceDataLoader:
         if self.device.type == "cuda":
             return _cuda_prefetch(self._host_batches(), self.device)
         return ((normalize_batch(images.to(self.device)), labels.to(self.device)) for images, labels in self._host_batches())
+
+
+def _close_at_exit(ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
 
 
 def _cuda_prefetch(batches, device: torch.device):

@@ -202,6 +202,18 @@ def _all_ok(ok: bool, ctx: DistContext) -> bool:
     return int(flag.item()) == 0
 
 
+def _manifest(step: int, state: dict, world_size: int) -> str:
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "global_step": step,
+        "epoch": state.get("epoch"),
+        "batch_in_epoch": state.get("batch_in_epoch"),
+        "world_size": world_size,
+        "files": [rank_filename(r) for r in range(world_size)],
+    }
+    return json.dumps(manifest, indent=2) + "\n"
+
+
 def save_set(
     output: str | os.PathLike,
     step: int,
@@ -218,6 +230,11 @@ def save_set(
     rank failed to write (the incomplete set is removed; earlier sets are untouched).
     """
     set_dir = Path(output) / CHECKPOINT_DIR / set_dirname(step)
+    if ctx.is_main and set_dir.exists():
+        # Left by an attempt that crashed mid-save, or by a timeline abandoned on resume:
+        # its files must not mix with this save's.
+        shutil.rmtree(set_dir, ignore_errors=True)
+    ctx.barrier()
     error = None
     try:
         set_dir.mkdir(parents=True, exist_ok=True)
@@ -233,16 +250,8 @@ def save_set(
         raise CheckpointError(error or f"another rank failed to write its part of {set_dir}; it was removed")
 
     if ctx.is_main:
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "global_step": step,
-            "epoch": state.get("epoch"),
-            "batch_in_epoch": state.get("batch_in_epoch"),
-            "world_size": ctx.world_size,
-            "files": [rank_filename(r) for r in range(ctx.world_size)],
-        }
         try:
-            atomic_write_text(json.dumps(manifest, indent=2) + "\n", set_dir / MANIFEST)
+            atomic_write_text(_manifest(step, state, ctx.world_size), set_dir / MANIFEST)
             error = None
         except OSError as exc:
             error = f"could not write {set_dir / MANIFEST}: {exc.strerror or exc}"
@@ -261,6 +270,26 @@ def save_set(
     return set_dir
 
 
+def write_set(output: str | os.PathLike, step: int, states: list[dict]) -> Path:
+    """Write a complete set for len(states) ranks from one process (offline tools).
+
+    Same guarantees as save_set: rank files first, the manifest last, then pruning of
+    nothing -- an existing set for `step` is refused rather than replaced.
+    """
+    set_dir = Path(output) / CHECKPOINT_DIR / set_dirname(step)
+    if set_dir.exists():
+        raise CheckpointError(f"{set_dir} already exists; choose another output folder")
+    set_dir.mkdir(parents=True)
+    try:
+        for rank, state in enumerate(states):
+            atomic_save({**state, "format_version": FORMAT_VERSION}, set_dir / rank_filename(rank))
+        atomic_write_text(_manifest(step, states[0], len(states)), set_dir / MANIFEST)
+    except OSError as exc:
+        shutil.rmtree(set_dir, ignore_errors=True)
+        raise CheckpointError(f"could not write {set_dir}: {exc.strerror or exc}") from None
+    return set_dir
+
+
 def _mirror(set_dir: Path, output: Path, rank: int) -> None:
     """Expose the set's rank file as output/checkpoint_gpu_{rank}.pt (insightface's place)."""
     src = set_dir / rank_filename(rank)
@@ -272,6 +301,23 @@ def _mirror(set_dir: Path, output: Path, rank: int) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def set_aside_newer(output: str | os.PathLike, step: int) -> list[Path]:
+    """Rename the complete sets newer than `step` to step_N.unreadable (kept for inspection).
+
+    Called once a run resumed from the set of `step` because the newer ones could not be
+    read: otherwise pruning would count them among the sets to keep and delete good ones.
+    """
+    moved = []
+    complete, _ = list_sets(output)
+    for cset in complete:
+        if cset.step > step:
+            target = cset.path.with_name(f"{cset.path.name}.unreadable")
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(cset.path, target)
+            moved.append(target)
+    return moved
 
 
 def prune(output: str | os.PathLike, keep: int) -> None:
@@ -290,9 +336,13 @@ def prune(output: str | os.PathLike, keep: int) -> None:
 
 # --- loading ------------------------------------------------------------------------
 
-def load_rank_file(path: Path, map_location="cpu") -> dict:
+def load_rank_file(path: Path, map_location="cpu", *, mmap: bool = False) -> dict:
+    """One rank's file, as plain tensors and values (weights_only: nothing else is unpickled).
+
+    mmap=True maps the file instead of reading it: only the parts used are read (re-sharding).
+    """
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file missing: {path}") from None
     except Exception as exc:  # truncated zip, bad pickle, unsupported object ...

@@ -68,17 +68,33 @@ def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -
     if world_size > 1:
         backend = "nccl" if use_cuda else "gloo"
         if not dist.is_initialized():
+            timeout = datetime.timedelta(minutes=timeout_minutes)
             kwargs = {}
             if backend == "nccl":
                 kwargs["device_id"] = dev  # binds the communicator to this GPU eagerly
-            dist.init_process_group(
-                backend=backend,
-                rank=rank,
-                world_size=world_size,
-                timeout=datetime.timedelta(minutes=timeout_minutes),
-                **kwargs,
-            )
+            store = _elastic_attempt_store(world_size, timeout)
+            if store is not None:
+                kwargs["store"] = store
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **kwargs)
     return DistContext(rank, local_rank, world_size, local_world_size, dev, backend)
+
+
+def _elastic_attempt_store(world_size: int, timeout: datetime.timedelta):
+    """The torchrun agent's store, with the keys of this restart attempt kept apart.
+
+    torchrun's c10d rendezvous keeps one TCPStore for every restart of the worker group
+    and no longer prefixes the attempts (pytorch/pytorch#135712): a restarted rank can
+    read the address that a rank of the failed attempt published and fail to connect
+    ("Gloo connectFullMesh failed ... Connection refused"). A failure restarts every
+    worker of the group, so all of them see the same TORCHELASTIC_RESTART_COUNT.
+    None outside torchrun (init_process_group then reads MASTER_ADDR/PORT itself).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def cleanup_distributed(ctx: DistContext | None = None) -> None:
