@@ -9,6 +9,7 @@ raised again in the main process with their own message.
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import os
 import random
 import weakref
@@ -73,6 +74,13 @@ def _as_is(batch):
     return batch
 
 
+def _worker_context():
+    # spawn rather than forkserver: a worker's parent is then the training process itself,
+    # which torch's worker watchdog follows (a forkserver would be killed with the process
+    # group by torchrun's SIGTERM, and the workers would follow it).
+    return multiprocessing.get_context("spawn")
+
+
 def _seed_worker(worker_id: int, base_seed: int) -> None:
     seed = base_seed + worker_id
     random.seed(seed)
@@ -112,6 +120,11 @@ class FaceDataLoader:
             pin_memory=on_cuda,
             worker_init_fn=partial(_seed_worker, base_seed=seed + num_workers * rank),
             persistent_workers=num_workers > 0,
+            # Workers start from a clean process, not a fork of this one: a fork inherits
+            # OpenCV's and OpenMP's thread pools in whatever state their locks were (the
+            # verification sets are decoded by a thread pool before training starts), and
+            # such a child can deadlock in its first cv2 call.
+            multiprocessing_context=_worker_context() if num_workers > 0 else None,
             # Its own generator: a DataLoader iterator otherwise draws its worker base seed
             # from the global torch RNG, which would shift PartialFC's negative sampling
             # between an uninterrupted run and a resumed one.
@@ -123,7 +136,7 @@ class FaceDataLoader:
             # an exception (a dead peer under torchrun, say) would wait there until torchrun
             # kills it, delaying the elastic restart. Handlers run last-registered first, so
             # this one asks the workers to finish before multiprocessing's runs.
-            atexit.register(_close_at_exit, weakref.ref(self))
+            _stop_workers_at_exit.register(self)
 
     def close(self) -> None:
         """Stop the worker processes (they are started again by the next iteration)."""
@@ -142,12 +155,19 @@ class FaceDataLoader:
         self.dataset.set_epoch(epoch)
 
     def _host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for item in self._loader:
-            if isinstance(item, _WorkerDataError):
-                raise item.error
-            images, labels, skipped = item
-            self.num_skipped += skipped
-            yield images, labels
+        try:
+            for item in self._loader:
+                if isinstance(item, _WorkerDataError):
+                    raise item.error
+                images, labels, skipped = item
+                self.num_skipped += skipped
+                yield images, labels
+        except Exception:
+            # Stop the workers now: the exception's traceback keeps this loader in a
+            # reference cycle, and torch's shutdown of workers from inside the garbage
+            # collector does not reach them (they would outlive the loader and hold up exit).
+            self.close()
+            raise
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type == "cuda":
@@ -155,10 +175,32 @@ class FaceDataLoader:
         return ((normalize_batch(images.to(self.device)), labels.to(self.device)) for images, labels in self._host_batches())
 
 
-def _close_at_exit(ref) -> None:
-    loader = ref()
-    if loader is not None:
-        loader.close()
+class _WorkerStopper:
+    """Stops the workers of every loader still alive when the process exits (see above).
+
+    One hook for all loaders, registered when the first loader with workers is made (so it
+    runs before multiprocessing's own). It closes loaders that are only reachable from a
+    reference cycle (an exception's traceback, say) too: they are still in the WeakSet,
+    since nothing collects cycles before exit. (Collecting them here instead would shut
+    their workers down from inside the garbage collector, which at exit fails to reach them.)
+    """
+
+    def __init__(self):
+        self.loaders: weakref.WeakSet = weakref.WeakSet()
+        self.installed = False
+
+    def register(self, loader: "FaceDataLoader") -> None:
+        self.loaders.add(loader)
+        if not self.installed:
+            atexit.register(self)
+            self.installed = True
+
+    def __call__(self) -> None:
+        for loader in list(self.loaders):
+            loader.close()
+
+
+_stop_workers_at_exit = _WorkerStopper()
 
 
 def _cuda_prefetch(batches, device: torch.device):
