@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.margin import CombinedMarginLoss
+from utils.row_chunks import row_slices
+
+# F.normalize's eps: a centre of norm below it is divided by eps instead.
+_NORM_EPS = 1e-12
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -114,6 +118,66 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         grad[rows, labels[rows]] -= 1.0
         grad.mul_(grad_output / softmax.shape[0])
         return grad, None, None
+
+
+class _CosineLogits(torch.autograd.Function):
+    """cos(embedding, centre) for every embedding and the centres `weight[index]`
+    (all of `weight` when index is None), with a lean backward.
+
+    Autograd through F.normalize + F.linear would keep the gathered rows, their norms
+    and the normalised copy, and its division backward makes several [k x D] temporaries.
+    Here the step holds one normalised [k x D] copy of the centres (in the matmul
+    precision) and the gradient is projected in place:
+    d/dw (w/|w|) applied to g is (g - w_n <g, w_n>) / |w|.
+
+    With `index`, the centre gradient is returned as a coalesced sparse row tensor over
+    exactly those rows (the index is sorted and unique), so the optimizer updates only
+    them and nothing of the size of the whole shard is allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings_n, weight, index, low_precision):
+        # The matmul precision is chosen by `low_precision`, not by a caller's autocast.
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return _CosineLogits._forward(ctx, embeddings_n, weight, index, low_precision)
+
+    @staticmethod
+    def _forward(ctx, embeddings_n, weight, index, low_precision):
+        rows = weight if index is None else weight.index_select(0, index)
+        inv_norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(_NORM_EPS).reciprocal_()
+        if index is not None and low_precision is None:
+            centres_n = rows.mul_(inv_norm)  # the gathered copy is ours to overwrite
+        else:  # scale and cast in one pass
+            centres_n = torch.empty(rows.shape, dtype=low_precision or rows.dtype, device=rows.device)
+            torch.mul(rows, inv_norm, out=centres_n)
+        del rows
+        emb = embeddings_n if low_precision is None else embeddings_n.to(low_precision)
+        logits = torch.mm(emb, centres_n.t())
+        ctx.save_for_backward(emb, centres_n, inv_norm, index)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.embeddings_dtype = embeddings_n.dtype
+        return logits if low_precision is None else logits.float()
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        emb, centres_n, inv_norm, index = ctx.saved_tensors
+        grad_logits = grad_logits.to(centres_n.dtype)
+        grad_emb = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_emb = torch.mm(grad_logits, centres_n).to(ctx.embeddings_dtype)
+        if ctx.needs_input_grad[1]:
+            grad = torch.mm(grad_logits.t(), emb).to(ctx.weight_dtype)  # d loss / d centres_n
+            for part in row_slices(grad.shape[0], grad[0].numel() * grad.element_size(), grad.device):
+                g, c = grad[part], centres_n[part]
+                dot = (g * c).sum(dim=1, keepdim=True)
+                g.addcmul_(c, dot, value=-1.0).mul_(inv_norm[part])
+            if index is None:
+                grad_weight = grad
+            else:
+                grad_weight = torch.sparse_coo_tensor(
+                    index.unsqueeze(0), grad, ctx.weight_shape, is_coalesced=True, check_invariants=False
+                )
+        return grad_emb, grad_weight, None, None
 
 
 class PartialFC(nn.Module):
@@ -212,20 +276,15 @@ class PartialFC(nn.Module):
         on_this_rank = (local_targets >= 0) & (local_targets < self.num_local)
         local_targets = torch.where(on_this_rank, local_targets, torch.full_like(local_targets, -1))
 
+        index = None
         if self.sample_rate < 1.0:
             index, local_targets = self.sample(local_targets)
-            # embedding(sparse=True) gives `weight` a sparse gradient holding only these rows.
-            centres = F.embedding(index, self.weight, sparse=True)
             self.last_num_sampled = int(index.numel())
-        else:
-            centres = self.weight
 
         device_type = local_embeddings.device.type
-        low_precision = torch.float16 if device_type == "cuda" else torch.bfloat16
-        with torch.autocast(device_type=device_type, dtype=low_precision, enabled=self.fp16):
-            logits = F.linear(F.normalize(embeddings), F.normalize(centres))
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # margin and softmax always in full precision
+        low_precision = (torch.float16 if device_type == "cuda" else torch.bfloat16) if self.fp16 else None
+        # The margin and the softmax always run on float32 logits.
+        logits = _CosineLogits.apply(F.normalize(embeddings), self.weight, index, low_precision)
         logits = self.margin_loss(logits, local_targets)
         loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
         return loss
