@@ -131,21 +131,29 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
     inputs = [(e.to(device), l.to(device)) for e, l in inputs]
     result = {"impl": impl, "num_classes": num_classes, "sample_rate": sample_rate, "batch": batch,
               "precision": precision.name}
-    needed = estimate_bytes(impl, num_classes, sample_rate, batch)
-    free = available_memory_bytes(device)
-    if free is not None and needed > 0.9 * free:
-        result["skipped"] = f"needs ~{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-        return result
+    if device.type == "cpu":
+        # Swapping, or the kernel's OOM killer picking another process, would be worse than a gap.
+        needed = estimate_bytes(impl, num_classes, sample_rate, batch)
+        free = available_memory_bytes(device)
+        if free is not None and needed > 0.9 * free:
+            result["skipped"] = f"needs ~{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+            return result
 
-    with PeakMemory(device) as memory:
-        step, keep = _build(impl, num_classes, sample_rate, precision.autocast_dtype, device)
-        times, losses = [], []
-        for i, (emb, labels) in enumerate(inputs):
-            emb = emb.clone().requires_grad_()
-            seconds = timed(lambda: losses.append(step(emb, labels).detach()), device)
-            if i >= warmup:
-                times.append(seconds)
-        peak = memory.peak_bytes()
+    keep = None
+    try:
+        with PeakMemory(device) as memory:
+            step, keep = _build(impl, num_classes, sample_rate, precision.autocast_dtype, device)
+            times, losses = [], []
+            for i, (emb, labels) in enumerate(inputs):
+                emb = emb.clone().requires_grad_()
+                seconds = timed(lambda: losses.append(step(emb, labels).detach()), device)
+                if i >= warmup:
+                    times.append(seconds)
+            peak = memory.peak_bytes()
+    except torch.OutOfMemoryError:
+        step = keep = None
+        result["skipped"] = "out of device memory"
+        return result
     result.update(summarize(times))
     result["peak_bytes"] = peak
     result["losses"] = [float(x) for x in losses]
