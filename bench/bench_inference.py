@@ -26,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import default_precision, resolve_device, summarize, timed  # noqa: E402
+from bench.common import enable_huge_pages, default_precision, resolve_device, summarize, timed  # noqa: E402
 
 PATHS = ("torch fp32", "torch default", "onnxruntime")
 
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="mbf, batch 8, 2 batches (smoke test)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    enable_huge_pages()  # as train.py does
     if args.quick:
         args.models, args.batch_size, args.batches, args.warmup = ["mbf"], 8, 2, 1
     start = time.perf_counter()

@@ -38,7 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    PeakMemory, available_memory_bytes, default_precision, resolve_device, summarize, timed,
+    PeakMemory, available_memory_bytes, default_precision, enable_huge_pages, resolve_device, summarize, timed,
 )
 
 EMBEDDING = 512
@@ -307,6 +307,7 @@ def main() -> None:
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "CLASSES", "RATE"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    enable_huge_pages()  # as train.py does
     if args.case:  # one case, in this (fresh) process; the result is the last line of stdout
         impl, c, sr = args.case[0], int(args.case[1]), float(args.case[2])
         r = run_case(impl, c, sr, batch=args.batch_size[0], steps=args.steps, warmup=args.warmup,

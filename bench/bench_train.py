@@ -31,7 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import default_precision, summarize, synchronize, timed  # noqa: E402
+from bench.common import enable_huge_pages, default_precision, summarize, synchronize, timed  # noqa: E402
 
 PATHS = ("reference", "default", "compiled")
 NUM_CLASSES = 10_000
@@ -202,20 +202,19 @@ def run(models, *, batch=32, steps=5, warmup=2, paths=PATHS, device="auto", log=
 
 def format_table(result: dict) -> str:
     paths = [p for p in PATHS if any(p in m["paths"] for m in result["models"])]
-    head = "| model | batch/process | " + " | ".join(
-        f"{p} samples/s" for p in paths) + " | " + " | ".join(
-        f"{p} speed-up" for p in paths if p != "reference") + " | " + " | ".join(
-        f"{p} max loss diff" for p in paths if p != "reference") + " |"
-    lines = [head, "| --- | ---: |" + " ---: |" * (len(paths) + 2 * (len(paths) - 1))]
+    compared = [p for p in paths if p != "reference"] if "reference" in paths else []
+    header = ["model", "batch/process"] + [f"{p} samples/s" for p in paths]
+    header += [f"{p} speed-up" for p in compared] + [f"{p} max loss diff" for p in compared]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     for m in result["models"]:
         cells = [m["model"], str(m["batch_per_process"])]
         for p in paths:
             e = m["paths"].get(p)
             cells.append(f"{e['samples_per_s']:.1f} ({e['precision']})" if e else "-")
-        for p in paths[1:]:
+        for p in compared:
             e = m["paths"].get(p)
             cells.append(f"{e['speedup']:.2f}x" if e and "speedup" in e else "-")
-        for p in paths[1:]:
+        for p in compared:
             e = m["paths"].get(p)
             cells.append(f"{100 * e['max_rel_loss_diff']:.2f}%" if e and "max_rel_loss_diff" in e else "-")
         lines.append("| " + " | ".join(cells) + " |")
@@ -233,6 +232,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="mbf only, batch 8, 2 steps, no compile (smoke test)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
+    enable_huge_pages()  # as train.py does
     if args.quick:
         args.models, args.batch_size, args.steps, args.warmup = ["mbf"], 8, 2, 1
         args.paths = [p for p in args.paths if p != "compiled"]

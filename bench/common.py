@@ -20,6 +20,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from utils.host_memory import enable_huge_pages  # noqa: E402,F401  (the benchmarks use train.py's setting)
+
 
 def resolve_device(name: str | None) -> torch.device:
     if name in (None, "auto"):
@@ -147,6 +149,12 @@ def machine_info(device: torch.device) -> dict:
         info["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         info["onnxruntime"] = None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            kernel = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        kernel = "n/a"
+    info["huge_pages"] = f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, kernel THP {kernel}"
     try:
         info["load_average_at_start"] = os.getloadavg()[0]
     except OSError:

@@ -35,6 +35,8 @@ def _machine_lines(info: dict, note: str | None) -> list[str]:
     lines.append(
         f"- Python {info.get('python')}, torch {info.get('torch')}, onnxruntime {info.get('onnxruntime')}; {info.get('platform')}"
     )
+    if info.get("huge_pages"):
+        lines.append(f"- Host allocator: {info['huge_pages']} (as train.py sets it; all paths share it)")
     start, end, cores = info.get("load_average_at_start"), info.get("load_average_at_end"), info.get("cpu_cores") or 1
     if start is not None:
         shared = max(start, end or 0) > 0.5 * cores

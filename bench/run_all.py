@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, machine_info, resolve_device  # noqa: E402
+from bench.common import enable_huge_pages, ROOT, machine_info, resolve_device  # noqa: E402
 
 DOCS = ROOT / "docs"
 QUICK_DIR = ROOT / "bench" / "results"
@@ -116,6 +116,7 @@ def main() -> int:
     parser.add_argument("--render-only", action="store_true", help="do not measure; render the saved results")
     parser.add_argument("--note", default=None, help="a remark printed with this device's results")
     args = parser.parse_args()
+    enable_huge_pages()  # as train.py does
 
     from bench.report import render
 

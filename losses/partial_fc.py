@@ -86,10 +86,10 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, world_size: int) -> torch.Tensor:
         distributed = _distributed(world_size)
-        n = logits.shape[0]
-        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-        target = torch.zeros(n, dtype=logits.dtype, device=logits.device)
-        target[rows] = logits[rows, labels[rows]]
+        # Masked gather rather than selecting the rows that have a target here: no host sync.
+        valid = labels >= 0
+        cols = labels.clamp_min(0).unsqueeze(1)
+        target = logits.gather(1, cols).squeeze(1).masked_fill_(~valid, 0.0)
 
         row_max = logits.max(dim=1, keepdim=True).values
         if distributed:
@@ -108,14 +108,14 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         # returned as a second, non-differentiable output.
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(logits)
-        ctx.save_for_backward(logits, rows, labels)
+        ctx.save_for_backward(logits, cols, valid)
         return loss.mean(), logits
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, _grad_softmax: torch.Tensor | None = None):
-        softmax, rows, labels = ctx.saved_tensors
+        softmax, cols, valid = ctx.saved_tensors
         grad = softmax  # reuse the buffer: d loss / d logits = (softmax - onehot) / N
-        grad[rows, labels[rows]] -= 1.0
+        grad.scatter_add_(1, cols, valid.to(grad.dtype).unsqueeze(1).neg_())
         grad.mul_(grad_output / softmax.shape[0])
         return grad, None, None
 
@@ -127,7 +127,7 @@ class _CosineLogits(torch.autograd.Function):
     Autograd through F.normalize + F.linear would keep the gathered rows, their norms
     and the normalised copy, and its division backward makes several [k x D] temporaries.
     Here the step holds one normalised [k x D] copy of the centres (in the matmul
-    precision) and the gradient is projected in place:
+    precision) and one float32 [k x D] gradient, projected in place:
     d/dw (w/|w|) applied to g is (g - w_n <g, w_n>) / |w|.
 
     With `index`, the centre gradient is returned as a coalesced sparse row tensor over
@@ -152,24 +152,37 @@ class _CosineLogits(torch.autograd.Function):
             torch.mul(rows, inv_norm, out=centres_n)
         del rows
         emb = embeddings_n if low_precision is None else embeddings_n.to(low_precision)
-        logits = torch.mm(emb, centres_n.t())
-        ctx.save_for_backward(emb, centres_n, inv_norm, index)
+        cosines = torch.mm(emb, centres_n.t())
+        # In low precision the matmul's own output is kept: it gives the backward <g, w_n>
+        # from the [batch x k] matrices instead of a pass over [k x D] (see backward).
+        saved_cosines = cosines if low_precision is not None else None
+        ctx.save_for_backward(emb, centres_n, inv_norm, index, saved_cosines)
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.embeddings_dtype = embeddings_n.dtype
-        return logits if low_precision is None else logits.float()
+        return cosines if low_precision is None else cosines.float()
 
     @staticmethod
     def backward(ctx, grad_logits):
-        emb, centres_n, inv_norm, index = ctx.saved_tensors
-        grad_logits = grad_logits.to(centres_n.dtype)
+        emb, centres_n, inv_norm, index, cosines = ctx.saved_tensors
+        grad_lp = grad_logits.to(centres_n.dtype)
         grad_emb = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_emb = torch.mm(grad_logits, centres_n).to(ctx.embeddings_dtype)
+            grad_emb = torch.mm(grad_lp, centres_n).to(ctx.embeddings_dtype)
         if ctx.needs_input_grad[1]:
-            grad = torch.mm(grad_logits.t(), emb).to(ctx.weight_dtype)  # d loss / d centres_n
+            # g = d loss / d centres_n, projected and scaled piece by piece into one buffer of
+            # the weight's dtype: no other [k x D] temporaries.
+            grad = torch.empty(centres_n.shape, dtype=ctx.weight_dtype, device=centres_n.device)
             for part in row_slices(grad.shape[0], grad[0].numel() * grad.element_size(), grad.device):
                 g, c = grad[part], centres_n[part]
-                dot = (g * c).sum(dim=1, keepdim=True)
+                if c.dtype == g.dtype:
+                    torch.mm(grad_lp[:, part].t(), emb, out=g)
+                else:
+                    g.copy_(torch.mm(grad_lp[:, part].t(), emb))
+                if cosines is not None:
+                    # <g_i, w_n,i> = sum_n grad[n, i] <e_n, w_n,i> = sum_n grad[n, i] cos[n, i]
+                    dot = torch.mul(grad_logits[:, part], cosines[:, part]).sum(dim=0).unsqueeze(1)
+                else:
+                    dot = (g * c).sum(dim=1, keepdim=True)
                 g.addcmul_(c, dot, value=-1.0).mul_(inv_norm[part])
             if index is None:
                 grad_weight = grad
@@ -252,10 +265,12 @@ class PartialFC(nn.Module):
         else:
             scores = torch.rand(self.num_local, device=local_targets.device)
             scores[positive] = 2.0  # above any random score: positives are always kept
-            index = torch.topk(scores, k=self.num_sample, sorted=False).indices.sort().values
-        remapped = local_targets.clone()
+            chosen = torch.topk(scores, k=self.num_sample, sorted=False).indices
+            # Sorted through a mask: much cheaper than sorting 10^5 indices on a CPU.
+            mask = torch.zeros(self.num_local, dtype=torch.bool, device=local_targets.device)
+            index = mask.index_fill_(0, chosen, True).nonzero().squeeze(1)
         hit = local_targets >= 0
-        remapped[hit] = torch.searchsorted(index, local_targets[hit])
+        remapped = torch.where(hit, torch.searchsorted(index, local_targets.clamp_min(0)), local_targets)
         return index, remapped
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:

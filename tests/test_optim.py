@@ -173,16 +173,20 @@ def tiny_chunks(monkeypatch):
     monkeypatch.setattr(utils.row_chunks, "CPU_CHUNK_BYTES", 2 * 3 * 8)
 
 
-def test_row_updates_in_pieces_match_the_formula(tiny_chunks):
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_row_updates_in_pieces_match_the_formula(tiny_chunks, momentum):
     w0 = torch.randn(10, 3, dtype=torch.float64)
     p = torch.nn.Parameter(w0.clone())
-    opt = SampledRowSGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    opt = SampledRowSGD([p], lr=0.1, momentum=momentum, weight_decay=0.01)
     for i, rows in enumerate(STEPS):
         p.grad = _sparse_rows(rows, _grads(i, rows), p.shape)
         opt.step()
-    ref_w, ref_buf = _manual_sgd(w0, 0.1, 0.9, 0.01)
+    ref_w, ref_buf = _manual_sgd(w0, 0.1, momentum, 0.01)
     torch.testing.assert_close(p.detach(), ref_w)
-    torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_buf)
+    if momentum:
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_buf)
+    else:
+        assert "momentum_buffer" not in opt.state[p]
 
 
 def test_adamw_in_pieces_matches_adamw_in_one_piece(monkeypatch):
@@ -236,3 +240,42 @@ def test_device_side_skip_leaves_rows_and_state_unchanged(cls):
         opt._row_update(opt.param_groups[0], p, rows, values, skip=torch.tensor(False))
     changed = (p.detach() != before).any(dim=1).nonzero().view(-1)
     assert changed.tolist() == [2, 5, 8]
+
+
+@pytest.mark.parametrize("cls", [SampledRowSGD, SampledRowAdamW])
+def test_grad_scaler_hands_scale_and_inf_flag_to_the_fused_step(cls):
+    # With fused groups GradScaler does not read the inf flag on the host: it passes the
+    # scale and the flag to step(), which must unscale the sampled rows and skip on inf.
+    kw = dict(momentum=0.9) if cls is SampledRowSGD else {}
+
+    def make():
+        torch.manual_seed(0)
+        dense = torch.nn.Parameter(torch.randn(4, 3))
+        rows = torch.nn.Parameter(torch.randn(10, 3))
+        return dense, rows, cls([dense, rows], lr=0.1, weight_decay=0.01, fused=True, **kw)
+
+    g_dense, g_rows = torch.randn(4, 3), torch.randn(2, 3)
+    dense, rows, opt = make()
+    assert opt._step_supports_amp_scaling
+    scale = 2.0**10
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    assert scaler.scale(torch.tensor(1.0)) == scale  # (as scaler.scale(loss).backward() would)
+    dense.grad = g_dense * scale
+    rows.grad = _sparse_rows([2, 5], g_rows * scale, rows.shape)
+    scaler.step(opt)
+    scaler.update()
+
+    ref_dense, ref_rows, ref_opt = make()
+    ref_dense.grad = g_dense.clone()
+    ref_rows.grad = _sparse_rows([2, 5], g_rows.clone(), ref_rows.shape)
+    ref_opt.step()
+    torch.testing.assert_close(dense.detach(), ref_dense.detach())
+    torch.testing.assert_close(rows.detach(), ref_rows.detach())
+
+    before = [dense.detach().clone(), rows.detach().clone()]
+    dense.grad = g_dense * scale
+    rows.grad = _sparse_rows([2, 5], torch.tensor([[float("inf"), 0, 0], [0, 0, 0]]), rows.shape)
+    scaler.step(opt)
+    scaler.update()
+    assert torch.equal(dense.detach(), before[0]) and torch.equal(rows.detach(), before[1])
+    assert scaler.get_scale() < scale

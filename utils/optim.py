@@ -34,11 +34,13 @@ def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _RowSparseMixin:
-    # GradScaler must unscale and check for inf itself before calling step(): the
-    # row update does not take the fused kernels' grad_scale/found_inf arguments.
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._step_supports_amp_scaling = False  # the fused constructors set it to True
+        # With every group fused, GradScaler hands step() its scale and inf flag as device
+        # tensors (`grad_scale`, `found_inf`) instead of reading the flag on the host: the
+        # fused kernels and the row update both take them. Other kernels need the host.
+        self._step_supports_amp_scaling = all(group.get("fused") for group in self.param_groups)
+        self._row_grad_scale = None
 
     def _pop_sparse_grads(self) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
         hidden = []
@@ -74,11 +76,22 @@ class _RowSparseMixin:
                 self.found_inf = caller_found_inf
         with torch.no_grad():
             skip = None if found_inf is None else found_inf.reshape(()) > 0
-            for group, p, grad in hidden:
-                rows, values = _unique_rows(grad)
-                if rows.numel():
-                    self._row_update(group, p, rows, values, skip)
+            self._row_grad_scale = getattr(self, "grad_scale", None)
+            try:
+                for group, p, grad in hidden:
+                    rows, values = _unique_rows(grad)
+                    if rows.numel():
+                        self._row_update(group, p, rows, values, skip)
+            finally:
+                self._row_grad_scale = None
         return loss
+
+    def _grad_piece(self, grad_rows: torch.Tensor, part: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `part` of the gradient in the parameter's dtype, unscaled if GradScaler asked."""
+        grad = grad_rows[part].to(dtype)
+        if self._row_grad_scale is not None:
+            grad = grad / self._row_grad_scale
+        return grad
 
     @staticmethod
     def _write_rows(target: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, skip) -> None:
@@ -106,16 +119,25 @@ class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
             if buf is None:
                 buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         for part in row_slices(rows.numel(), p[0].numel() * p.element_size(), p.device):
-            chunk = rows[part]
+            chunk, grad = rows[part], self._grad_piece(grad_rows, part, p.dtype)
             weights = p.index_select(0, chunk)
-            update = grad_rows[part].to(p.dtype)
-            if wd != 0:
-                update = update.add(weights, alpha=wd)
+            if skip is None and buf is not None:
+                # The common case, on one gathered copy of each: buf = g + momentum * buf +
+                # wd * w (a never-updated row has buf = 0, so its first step is buf = g, as
+                # in torch); w -= lr * buf, added in place (index_add_ is several times
+                # faster than gather, subtract, scatter).
+                update = buf.index_select(0, chunk)
+                torch.add(grad, update, alpha=momentum, out=update)
+                if wd != 0:
+                    update.add_(weights, alpha=wd)
+                buf.index_copy_(0, chunk, update)
+                p.index_add_(0, chunk, update, alpha=-lr)
+                continue
+            update = grad.add(weights, alpha=wd) if wd != 0 else grad
             if buf is not None:
-                # A never-updated row has buf = 0, so its first step is buf = g, as in torch.
                 update = buf.index_select(0, chunk).mul_(momentum).add_(update)
                 self._write_rows(buf, chunk, update, skip)
-            self._write_rows(p, chunk, weights.add_(update, alpha=-lr), skip)
+            self._write_rows(p, chunk, weights.sub_(update, alpha=lr), skip)
 
 
 class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
@@ -145,7 +167,7 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
             state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
         for part in row_slices(rows.numel(), p[0].numel() * p.element_size(), p.device):
             chunk = rows[part]
-            grad = grad_rows[part].to(p.dtype)
+            grad = self._grad_piece(grad_rows, part, p.dtype)
             step = state["row_step"].index_select(0, chunk).add_(1.0)
             m = state["exp_avg"].index_select(0, chunk).mul_(beta1).add_(grad, alpha=1 - beta1)
             v = state["exp_avg_sq"].index_select(0, chunk).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

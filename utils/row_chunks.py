@@ -1,19 +1,18 @@
 """Splitting row-wise work on a large [rows x D] matrix into pieces.
 
-On a CPU, a sequence of element-wise operations over a [k x D] matrix streams it
-through memory once per operation, and each fresh [k x D] temporary is mapped page
-by page. Done piece by piece, a piece stays in the last-level cache between
-operations and its temporaries are reused from the heap. The pieces are not made
-smaller than a few MiB: every operation is a parallel region whose threads must all
-arrive, which costs most when other processes share the cores. On an accelerator
-the pieces are large, so that the number of kernel launches stays small.
+Element-wise work on a [k x D] matrix of sampled class centres (k up to hundreds of
+thousands) would allocate [k x D] temporaries for every intermediate result. Done
+piece by piece, the temporaries are bounded by one piece. The pieces are not made
+small: on a CPU every operation is a parallel region whose threads must all arrive,
+which costs most when other processes share the cores, and on an accelerator every
+operation is a kernel launch.
 """
 from __future__ import annotations
 
 import torch
 
-CPU_CHUNK_BYTES = 4 * 1024 * 1024
-ACCELERATOR_CHUNK_BYTES = 256 * 1024 * 1024
+CPU_CHUNK_BYTES = 32 * 1024 * 1024
+ACCELERATOR_CHUNK_BYTES = 1024 * 1024 * 1024
 
 
 def row_slices(num_rows: int, row_bytes: int, device: torch.device) -> list[slice]:
