@@ -169,7 +169,7 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
     for runner in runners:
         losses = [float(x) for x in runner.losses]
         entry = summarize(runner.times)
-        entry["samples_per_s"] = batch * world / entry["median_s"]
+        entry["samples_per_s"] = batch * world / entry["min_s"]
         entry["losses"] = losses
         entry["precision"] = runner.precision.name if runner.precision else "fp32"
         if runner.kind == "compiled":

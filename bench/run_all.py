@@ -32,7 +32,7 @@ PLANS = {
     "cpu": {
         "train": dict(models=["mbf", "r18", "r50"], batch=32, steps=4, warmup=2, compiled=["r50"]),
         "partial_fc": dict(classes=[100_000, 1_000_000, 2_000_000], sample_rates=[1.0, 0.3, 0.1],
-                           batch_sizes=[128], steps=3, warmup=1),
+                           batch_sizes=[128], steps=3, warmup=1, rounds=2),
         "inference": dict(models=["mbf", "r18", "r50"], batch=32, batches=5, warmup=1),
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
@@ -79,7 +79,7 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
         p = plan["partial_fc"]
         log(f"[partial_fc] classes {p['classes']} rates {p['sample_rates']} batch {p['batch_sizes']}")
         return bench_partial_fc.run(p["classes"], p["sample_rates"], batch_sizes=p["batch_sizes"], steps=p["steps"],
-                                    warmup=p["warmup"], device=str(device), log=log)
+                                    warmup=p["warmup"], rounds=p.get("rounds", 1), device=str(device), log=log)
 
     def inference():
         p = plan["inference"]
