@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -41,6 +42,28 @@ def _onnx_session(path: str, device):
     return session, session.get_providers()[0]
 
 
+def _with_data_statistics(model, batches):
+    """The model in eval mode with BatchNorm statistics of `batches`.
+
+    With the initial running statistics (mean 0, variance 1) a deep untrained IResNet's
+    activations grow block by block until they overflow; a trained model's statistics
+    match its inputs, which a few cumulative training-mode passes reproduce.
+    """
+    import torch
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the passes
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    for m in norms:
+        m.momentum = 0.1
+    return model.eval()
+
+
 def run_model(name: str, *, batch: int, batches: int, warmup: int, device, log=print) -> dict:
     import numpy as np
     import torch
@@ -49,17 +72,19 @@ def run_model(name: str, *, batch: int, batches: int, warmup: int, device, log=p
     from utils.onnx_export import export_onnx
 
     torch.manual_seed(0)
-    plain = get_model(name, num_features=512).eval().to(device)
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1 for _ in range(warmup + batches)]
+    plain = _with_data_statistics(get_model(name, num_features=512), inputs[:2]).to(device)
     precision = default_precision(device)
     channels_last = not name.startswith("vit")
     fast = copy.deepcopy(plain)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(1)
-    inputs = [torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1 for _ in range(warmup + batches)]
 
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = str(export_onnx(plain, Path(tmp) / f"{name}.onnx", check=False))  # exports a CPU fp32 copy
+        with warnings.catch_warnings():  # the backbones' input-size check is constant in the trace
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            onnx_path = str(export_onnx(plain, Path(tmp) / f"{name}.onnx", check=False))  # a CPU fp32 copy
         session, provider = _onnx_session(onnx_path, device)
 
         def torch_fp32(x):

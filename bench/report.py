@@ -111,9 +111,11 @@ def goals(results: dict, info: dict) -> list[tuple[str, str, str, str, str]]:
 
     data = results.get("data")
     if data:
-        ok = data["getitem_vs_raw"] >= GOAL_DATA
-        out.append(("Data path: dataset item vs raw read + decode", f">= {100 * GOAL_DATA:.0f}%",
-                    f"{100 * data['getitem_vs_raw']:.1f}%", _status(ok), ""))
+        ratio = data.get("worker_vs_raw", data["getitem_vs_raw"])
+        ok = ratio >= GOAL_DATA
+        out.append(("Data path: a loader worker's images/s vs raw read + decode", f">= {100 * GOAL_DATA:.0f}%",
+                    f"{100 * ratio:.1f}% (single float32 items: {100 * data['getitem_vs_raw']:.1f}%)",
+                    _status(ok), ""))
     return out
 
 
@@ -160,6 +162,9 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
             bench_train.format_table(t),
             "",
         ]
+        for m in t["models"]:
+            if m.get("compile_error"):
+                lines.append(f"torch.compile of {m['model']} failed on this machine ({m['compile_error']}).")
         compiled = [m for m in t["models"] if "compiled" in m["paths"]]
         for m in compiled:
             w = m["paths"]["compiled"].get("warmup_seconds_incl_compile")

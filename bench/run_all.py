@@ -70,9 +70,17 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
         models = []
         for name in p["models"]:
             paths = ("reference", "default", "compiled") if name in p["compiled"] else ("reference", "default")
-            r = bench_train.run([name], batch=p["batch"], steps=p["steps"], warmup=p["warmup"], paths=paths,
-                                device=str(device), log=log)
-            models += r["models"]
+            kwargs = dict(batch=p["batch"], steps=p["steps"], warmup=p["warmup"], device=str(device), log=log)
+            try:
+                models += bench_train.run([name], paths=paths, **kwargs)["models"]
+            except Exception as exc:
+                if "compiled" not in paths:
+                    raise
+                # torch.compile needs a working compiler tool chain; the eager paths are still worth having.
+                log(f"  {name}: the compiled path failed ({type(exc).__name__}: {exc}); measuring without it")
+                result = bench_train.run([name], paths=("reference", "default"), **kwargs)["models"][0]
+                result["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                models.append(result)
         return {"models": models, "num_classes": bench_train.NUM_CLASSES, "steps": p["steps"], "warmup": p["warmup"]}
 
     def partial_fc():

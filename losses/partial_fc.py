@@ -13,6 +13,9 @@ plus random negatives, up to sample_rate * num_local centres (Partial FC, An et
 al.). Only those rows are gathered, they receive a *sparse* row gradient, and the
 optimizer (utils.optim) updates only them -- no dense gradient or optimizer work
 over the whole shard.
+
+With sample_rate = 1 a step never waits for the device (no data-dependent shapes);
+sampling must read the number of distinct positive classes, one device-to-host read.
 """
 from __future__ import annotations
 
@@ -143,15 +146,18 @@ class _CosineLogits(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, embeddings_n, weight, index, low_precision):
-        rows = weight if index is None else weight.index_select(0, index)
-        inv_norm = torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min_(_NORM_EPS).reciprocal_()
-        if index is not None and low_precision is None:
-            centres_n = rows.mul_(inv_norm)  # the gathered copy is ours to overwrite
-        else:  # scale and cast in one pass
-            centres_n = torch.empty(rows.shape, dtype=low_precision or rows.dtype, device=rows.device)
-            torch.mul(rows, inv_norm, out=centres_n)
-        del rows
-        emb = embeddings_n if low_precision is None else embeddings_n.to(low_precision)
+        dtype = low_precision or weight.dtype
+        k = weight.shape[0] if index is None else index.numel()
+        centres_n = torch.empty((k, weight.shape[1]), dtype=dtype, device=weight.device)
+        inv_norm = torch.empty((k, 1), dtype=weight.dtype, device=weight.device)
+        # Gather, norm and scale (and cast) piece by piece: the float32 rows of a piece are
+        # the only copy of the centres besides the result.
+        for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device):
+            rows = weight[part] if index is None else weight.index_select(0, index[part])
+            torch.linalg.vector_norm(rows, dim=1, keepdim=True, out=inv_norm[part])
+            inv_norm[part].clamp_min_(_NORM_EPS).reciprocal_()
+            torch.mul(rows, inv_norm[part], out=centres_n[part])
+        emb = embeddings_n.to(dtype)
         cosines = torch.mm(emb, centres_n.t())
         # In low precision the matmul's own output is kept: it gives the backward <g, w_n>
         # from the [batch x k] matrices instead of a pass over [k x D] (see backward).
@@ -164,26 +170,30 @@ class _CosineLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logits):
         emb, centres_n, inv_norm, index, cosines = ctx.saved_tensors
-        grad_lp = grad_logits.to(centres_n.dtype)
         grad_emb = grad_weight = None
         if ctx.needs_input_grad[0]:
-            grad_emb = torch.mm(grad_lp, centres_n).to(ctx.embeddings_dtype)
+            grad_emb = torch.mm(grad_logits.to(centres_n.dtype), centres_n).to(ctx.embeddings_dtype)
         if ctx.needs_input_grad[1]:
-            # g = d loss / d centres_n, projected and scaled piece by piece into one buffer of
-            # the weight's dtype: no other [k x D] temporaries.
+            # The centres' gradient (g - w_n <g, w_n>) / |w| with g = grad^T e, built piece by
+            # piece in one buffer of the weight's dtype. 1/|w| is applied to grad's columns
+            # before the matmul (a [batch x k] pass instead of one over [k x D]).
+            inv_t = inv_norm.view(1, -1)
+            scaled = torch.empty(grad_logits.shape, dtype=centres_n.dtype, device=grad_logits.device)
+            torch.mul(grad_logits, inv_t, out=scaled)
             grad = torch.empty(centres_n.shape, dtype=ctx.weight_dtype, device=centres_n.device)
             for part in row_slices(grad.shape[0], grad[0].numel() * grad.element_size(), grad.device):
                 g, c = grad[part], centres_n[part]
                 if c.dtype == g.dtype:
-                    torch.mm(grad_lp[:, part].t(), emb, out=g)
+                    torch.mm(scaled[:, part].t(), emb, out=g)
                 else:
-                    g.copy_(torch.mm(grad_lp[:, part].t(), emb))
+                    g.copy_(torch.mm(scaled[:, part].t(), emb))
                 if cosines is not None:
                     # <g_i, w_n,i> = sum_n grad[n, i] <e_n, w_n,i> = sum_n grad[n, i] cos[n, i]
                     dot = torch.mul(grad_logits[:, part], cosines[:, part]).sum(dim=0).unsqueeze(1)
+                    dot = dot.to(g.dtype).mul_(inv_norm[part])
                 else:
                     dot = (g * c).sum(dim=1, keepdim=True)
-                g.addcmul_(c, dot, value=-1.0).mul_(inv_norm[part])
+                g.addcmul_(c, dot, value=-1.0)
             if index is None:
                 grad_weight = grad
             else:
@@ -298,7 +308,7 @@ class PartialFC(nn.Module):
 
         device_type = local_embeddings.device.type
         low_precision = (torch.float16 if device_type == "cuda" else torch.bfloat16) if self.fp16 else None
-        # The margin and the softmax always run on float32 logits.
+        # The margin and the softmax always run on full-precision logits.
         logits = _CosineLogits.apply(F.normalize(embeddings), self.weight, index, low_precision)
         logits = self.margin_loss(logits, local_targets)
         loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
