@@ -309,8 +309,11 @@ def plot(result: dict, path_png: str, title_suffix: str = "") -> None:
             ys_m.append(case["peak_bytes"] / 2**30 if ok and case.get("peak_bytes") else float("nan"))
     with tempfile.TemporaryDirectory() as tmp:
         a, b = os.path.join(tmp, "a.png"), os.path.join(tmp, "b.png")
-        line_plot(a, speed, f"PartialFC step, batch {batch}{title_suffix}", "classes", "samples/s", logx=True, logy=True)
-        line_plot(b, memory, f"PartialFC peak memory, batch {batch}{title_suffix}", "classes", "GiB", logx=True, logy=True)
+        xlim = (min(result["classes"]), max(result["classes"]))
+        line_plot(a, speed, f"PartialFC step, batch {batch}{title_suffix}", "classes", "samples/s",
+                  logx=True, logy=True, xlim=xlim)
+        line_plot(b, memory, f"PartialFC peak memory, batch {batch}{title_suffix}", "classes", "GiB",
+                  logx=True, logy=True, xlim=xlim)
         image = np.vstack([cv2.imread(a), cv2.imread(b)])
     ok, encoded = cv2.imencode(".png", image)
     if not ok:

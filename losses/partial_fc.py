@@ -159,9 +159,11 @@ class _CosineLogits(torch.autograd.Function):
             torch.mul(rows, inv_norm[part], out=centres_n[part])
         emb = embeddings_n.to(dtype)
         cosines = torch.mm(emb, centres_n.t())
-        # In low precision the matmul's own output is kept: it gives the backward <g, w_n>
-        # from the [batch x k] matrices instead of a pass over [k x D] (see backward).
-        saved_cosines = cosines if low_precision is not None else None
+        # In low precision, for a batch smaller than the embedding size, the matmul's own
+        # output is kept: it gives the backward <g, w_n> from the [batch x k] matrices,
+        # less to read than the [k x D] ones (see backward).
+        keep = low_precision is not None and emb.shape[0] < emb.shape[1]
+        saved_cosines = cosines if keep else None
         ctx.save_for_backward(emb, centres_n, inv_norm, index, saved_cosines)
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.embeddings_dtype = embeddings_n.dtype

@@ -75,10 +75,11 @@ def test_bf16_steps_track_fp32_in_loss_and_weights():
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
-def test_low_precision_head_gradients_stay_close_to_fp32(sample_rate):
+@pytest.mark.parametrize("batch", [16, 80])  # below and above the embedding size: two backward paths
+def test_low_precision_head_gradients_stay_close_to_fp32(sample_rate, batch):
     torch.manual_seed(0)
-    emb = torch.randn(16, EMB, requires_grad=True)
-    labels = torch.randint(0, NUM_CLASSES, (16,))
+    emb = torch.randn(batch, EMB, requires_grad=True)
+    labels = torch.randint(0, NUM_CLASSES, (batch,))
     full = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), EMB, NUM_CLASSES, sample_rate)
     half = copy.deepcopy(full)
     half.fp16 = True
