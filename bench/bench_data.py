@@ -144,7 +144,7 @@ def format_table(result: dict) -> str:
     lines = [
         f"{result['num_images']} JPEGs 112x112 q95, mean {result['mean_jpeg_bytes']:.0f} bytes",
         "",
-        "(i), (ii): CPU time of one process; (iii): wall clock, total / workers (0 workers: the main process)",
+        "(i), (ii), (ii'): CPU time of one process; (iii): wall clock, total / workers (0 workers: the main process)",
         "",
         "| path | img/s per process | note |",
         "| --- | ---: | --- |",
