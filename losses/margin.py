@@ -64,18 +64,22 @@ class CombinedMarginLoss(nn.Module):
         return torch.where(theta <= self.theta_max, with_margin, continuation)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-        cols = labels[rows]
+        # Every row's target column is gathered and written back, rows without one (-1)
+        # masked out: selecting those rows instead would make the host wait for the
+        # device (nonzero) on every step.
+        valid = labels != -1
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        cols = labels.clamp_min(0)
 
         if self.interclass_filtering_threshold > 0:
             with torch.no_grad():
                 dirty = logits > self.interclass_filtering_threshold
-                dirty[rows, cols] = False
+                dirty[rows, cols] &= ~valid  # never a row's own class
             logits = logits.masked_fill_(dirty, 0.0)
 
-        if not self.is_plain_softmax and rows.numel() > 0:
-            target = self.target_logit(logits[rows, cols])
-            logits = logits.index_put_((rows, cols), target)
+        if not self.is_plain_softmax:
+            cos_theta = logits[rows, cols]
+            logits = logits.index_put_((rows, cols), torch.where(valid, self.target_logit(cos_theta), cos_theta))
         return logits.mul_(self.s)
 
     def extra_repr(self) -> str:

@@ -13,6 +13,9 @@ plus random negatives, up to sample_rate * num_local centres (Partial FC, An et
 al.). Only those rows are gathered, they receive a *sparse* row gradient, and the
 optimizer (utils.optim) updates only them -- no dense gradient or optimizer work
 over the whole shard.
+
+With sample_rate = 1 a step never waits for the device (no data-dependent shapes);
+sampling must read the number of distinct positive classes, one device-to-host read.
 """
 from __future__ import annotations
 
@@ -22,6 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.margin import CombinedMarginLoss
+from utils.row_chunks import row_slices
+
+# F.normalize's eps: a centre of norm below it is divided by eps instead.
+_NORM_EPS = 1e-12
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -82,10 +89,10 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, world_size: int) -> torch.Tensor:
         distributed = _distributed(world_size)
-        n = logits.shape[0]
-        rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-        target = torch.zeros(n, dtype=logits.dtype, device=logits.device)
-        target[rows] = logits[rows, labels[rows]]
+        # Masked gather rather than selecting the rows that have a target here: no host sync.
+        valid = labels >= 0
+        cols = labels.clamp_min(0).unsqueeze(1)
+        target = logits.gather(1, cols).squeeze(1).masked_fill_(~valid, 0.0)
 
         row_max = logits.max(dim=1, keepdim=True).values
         if distributed:
@@ -104,16 +111,98 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         # returned as a second, non-differentiable output.
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(logits)
-        ctx.save_for_backward(logits, rows, labels)
+        ctx.save_for_backward(logits, cols, valid)
         return loss.mean(), logits
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, _grad_softmax: torch.Tensor | None = None):
-        softmax, rows, labels = ctx.saved_tensors
+        softmax, cols, valid = ctx.saved_tensors
         grad = softmax  # reuse the buffer: d loss / d logits = (softmax - onehot) / N
-        grad[rows, labels[rows]] -= 1.0
+        grad.scatter_add_(1, cols, valid.to(grad.dtype).unsqueeze(1).neg_())
         grad.mul_(grad_output / softmax.shape[0])
         return grad, None, None
+
+
+class _CosineLogits(torch.autograd.Function):
+    """cos(embedding, centre) for every embedding and the centres `weight[index]`
+    (all of `weight` when index is None), with a lean backward.
+
+    Autograd through F.normalize + F.linear would keep the gathered rows, their norms
+    and the normalised copy, and its division backward makes several [k x D] temporaries.
+    Here the step holds one normalised [k x D] copy of the centres (in the matmul
+    precision) and one float32 [k x D] gradient, projected in place:
+    d/dw (w/|w|) applied to g is (g - w_n <g, w_n>) / |w|.
+
+    With `index`, the centre gradient is returned as a coalesced sparse row tensor over
+    exactly those rows (the index is sorted and unique), so the optimizer updates only
+    them and nothing of the size of the whole shard is allocated.
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings_n, weight, index, low_precision):
+        # The matmul precision is chosen by `low_precision`, not by a caller's autocast.
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return _CosineLogits._forward(ctx, embeddings_n, weight, index, low_precision)
+
+    @staticmethod
+    def _forward(ctx, embeddings_n, weight, index, low_precision):
+        dtype = low_precision or weight.dtype
+        k = weight.shape[0] if index is None else index.numel()
+        centres_n = torch.empty((k, weight.shape[1]), dtype=dtype, device=weight.device)
+        inv_norm = torch.empty((k, 1), dtype=weight.dtype, device=weight.device)
+        # Gather, norm and scale (and cast) piece by piece: the float32 rows of a piece are
+        # the only copy of the centres besides the result.
+        for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device):
+            rows = weight[part] if index is None else weight.index_select(0, index[part])
+            torch.linalg.vector_norm(rows, dim=1, keepdim=True, out=inv_norm[part])
+            inv_norm[part].clamp_min_(_NORM_EPS).reciprocal_()
+            torch.mul(rows, inv_norm[part], out=centres_n[part])
+        emb = embeddings_n.to(dtype)
+        cosines = torch.mm(emb, centres_n.t())
+        # In low precision, for a batch smaller than the embedding size, the matmul's own
+        # output is kept: it gives the backward <g, w_n> from the [batch x k] matrices,
+        # less to read than the [k x D] ones (see backward).
+        keep = low_precision is not None and emb.shape[0] < emb.shape[1]
+        saved_cosines = cosines if keep else None
+        ctx.save_for_backward(emb, centres_n, inv_norm, index, saved_cosines)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.embeddings_dtype = embeddings_n.dtype
+        return cosines if low_precision is None else cosines.float()
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        emb, centres_n, inv_norm, index, cosines = ctx.saved_tensors
+        grad_emb = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_emb = torch.mm(grad_logits.to(centres_n.dtype), centres_n).to(ctx.embeddings_dtype)
+        if ctx.needs_input_grad[1]:
+            # The centres' gradient (g - w_n <g, w_n>) / |w| with g = grad^T e, built piece by
+            # piece in one buffer of the weight's dtype. 1/|w| is applied to grad's columns
+            # before the matmul (a [batch x k] pass instead of one over [k x D]).
+            inv_t = inv_norm.view(1, -1)
+            scaled = torch.empty(grad_logits.shape, dtype=centres_n.dtype, device=grad_logits.device)
+            torch.mul(grad_logits, inv_t, out=scaled)
+            grad = torch.empty(centres_n.shape, dtype=ctx.weight_dtype, device=centres_n.device)
+            for part in row_slices(grad.shape[0], grad[0].numel() * grad.element_size(), grad.device):
+                g, c = grad[part], centres_n[part]
+                if c.dtype == g.dtype:
+                    torch.mm(scaled[:, part].t(), emb, out=g)
+                else:
+                    g.copy_(torch.mm(scaled[:, part].t(), emb))
+                if cosines is not None:
+                    # <g_i, w_n,i> = sum_n grad[n, i] <e_n, w_n,i> = sum_n grad[n, i] cos[n, i]
+                    dot = torch.mul(grad_logits[:, part], cosines[:, part]).sum(dim=0).unsqueeze(1)
+                    dot = dot.to(g.dtype).mul_(inv_norm[part])
+                else:
+                    dot = (g * c).sum(dim=1, keepdim=True)
+                g.addcmul_(c, dot, value=-1.0)
+            if index is None:
+                grad_weight = grad
+            else:
+                grad_weight = torch.sparse_coo_tensor(
+                    index.unsqueeze(0), grad, ctx.weight_shape, is_coalesced=True, check_invariants=False
+                )
+        return grad_emb, grad_weight, None, None
 
 
 class PartialFC(nn.Module):
@@ -188,10 +277,12 @@ class PartialFC(nn.Module):
         else:
             scores = torch.rand(self.num_local, device=local_targets.device)
             scores[positive] = 2.0  # above any random score: positives are always kept
-            index = torch.topk(scores, k=self.num_sample, sorted=False).indices.sort().values
-        remapped = local_targets.clone()
+            chosen = torch.topk(scores, k=self.num_sample, sorted=False).indices
+            # Sorted through a mask: much cheaper than sorting 10^5 indices on a CPU.
+            mask = torch.zeros(self.num_local, dtype=torch.bool, device=local_targets.device)
+            index = mask.index_fill_(0, chosen, True).nonzero().squeeze(1)
         hit = local_targets >= 0
-        remapped[hit] = torch.searchsorted(index, local_targets[hit])
+        remapped = torch.where(hit, torch.searchsorted(index, local_targets.clamp_min(0)), local_targets)
         return index, remapped
 
     def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
@@ -212,20 +303,15 @@ class PartialFC(nn.Module):
         on_this_rank = (local_targets >= 0) & (local_targets < self.num_local)
         local_targets = torch.where(on_this_rank, local_targets, torch.full_like(local_targets, -1))
 
+        index = None
         if self.sample_rate < 1.0:
             index, local_targets = self.sample(local_targets)
-            # embedding(sparse=True) gives `weight` a sparse gradient holding only these rows.
-            centres = F.embedding(index, self.weight, sparse=True)
             self.last_num_sampled = int(index.numel())
-        else:
-            centres = self.weight
 
         device_type = local_embeddings.device.type
-        low_precision = torch.float16 if device_type == "cuda" else torch.bfloat16
-        with torch.autocast(device_type=device_type, dtype=low_precision, enabled=self.fp16):
-            logits = F.linear(F.normalize(embeddings), F.normalize(centres))
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # margin and softmax always in full precision
+        low_precision = (torch.float16 if device_type == "cuda" else torch.bfloat16) if self.fp16 else None
+        # The margin and the softmax always run on full-precision logits.
+        logits = _CosineLogits.apply(F.normalize(embeddings), self.weight, index, low_precision)
         logits = self.margin_loss(logits, local_targets)
         loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
         return loss

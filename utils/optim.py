@@ -15,13 +15,32 @@ from typing import Iterable
 
 import torch
 
+from utils.row_chunks import row_slices
+
+
+def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, row values) of a sparse row gradient, each row once.
+
+    PartialFC's gradient already has sorted, unique rows, but autograd drops the
+    `is_coalesced` flag when it stores a sparse gradient; checking the order costs far
+    less than coalescing (a sort and a copy of every value) again.
+    """
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+        grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
+
 
 class _RowSparseMixin:
-    # GradScaler must unscale and check for inf itself before calling step(): the
-    # row update does not take the fused kernels' grad_scale/found_inf arguments.
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._step_supports_amp_scaling = False  # the fused constructors set it to True
+        # With every group fused, GradScaler hands step() its scale and inf flag as device
+        # tensors (`grad_scale`, `found_inf`) instead of reading the flag on the host: the
+        # fused kernels and the row update both take them. Other kernels need the host.
+        self._step_supports_amp_scaling = all(group.get("fused") for group in self.param_groups)
+        self._row_grad_scale = None
 
     def _pop_sparse_grads(self) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
         hidden = []
@@ -36,27 +55,43 @@ class _RowSparseMixin:
         # `found_inf` (set by the training loop, or by GradScaler on fused optimizers): a
         # float tensor, non-zero when this step must not change anything. The fused
         # kernels and the row update skip on the device; other kernels need the host.
+        # A CPU tensor is read at once: there is no queue of device work to wait for.
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and not all(group.get("fused") for group in self.param_groups):
+        if found_inf is not None and (
+            found_inf.device.type == "cpu" or not all(group.get("fused") for group in self.param_groups)
+        ):
             if bool(found_inf):
                 return None
             found_inf = None
-            del self.found_inf
         hidden = self._pop_sparse_grads()
+        # Decided here already: the stock kernels must not see it (the unfused ones refuse it).
+        caller_found_inf = self.__dict__.pop("found_inf", None) if found_inf is None else None
         try:
             self._before_dense_step()
             loss = super().step(closure)
         finally:
             for _, p, grad in hidden:
                 p.grad = grad
+            if caller_found_inf is not None:
+                self.found_inf = caller_found_inf
         with torch.no_grad():
             skip = None if found_inf is None else found_inf.reshape(()) > 0
-            for group, p, grad in hidden:
-                grad = grad.coalesce()
-                rows = grad.indices()[0]
-                if rows.numel():
-                    self._row_update(group, p, rows, grad.values(), skip)
+            self._row_grad_scale = getattr(self, "grad_scale", None)
+            try:
+                for group, p, grad in hidden:
+                    rows, values = _unique_rows(grad)
+                    if rows.numel():
+                        self._row_update(group, p, rows, values, skip)
+            finally:
+                self._row_grad_scale = None
         return loss
+
+    def _grad_piece(self, grad_rows: torch.Tensor, part: slice, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `part` of the gradient in the parameter's dtype, unscaled if GradScaler asked."""
+        grad = grad_rows[part].to(dtype)
+        if self._row_grad_scale is not None:
+            grad = grad / self._row_grad_scale
+        return grad
 
     @staticmethod
     def _write_rows(target: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, skip) -> None:
@@ -77,19 +112,32 @@ class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
         if group["nesterov"] or group["maximize"] or group["dampening"] != 0:
             raise ValueError("sampled-row SGD supports plain momentum only (no nesterov, maximize or dampening)")
         lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-        weights = p.index_select(0, rows)
-        update = grad_rows.to(p.dtype)
-        if wd != 0:
-            update = update.add(weights, alpha=wd)
+        buf = None
         if momentum != 0:
             state = self.state[p]
             buf = state.get("momentum_buffer")
             if buf is None:
                 buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # A never-updated row has buf = 0, so its first step is buf = g, as in torch.
-            update = buf.index_select(0, rows).mul_(momentum).add_(update)
-            self._write_rows(buf, rows, update, skip)
-        self._write_rows(p, rows, weights.add_(update, alpha=-lr), skip)
+        for part in row_slices(rows.numel(), p[0].numel() * p.element_size(), p.device):
+            chunk, grad = rows[part], self._grad_piece(grad_rows, part, p.dtype)
+            weights = p.index_select(0, chunk)
+            if skip is None and buf is not None:
+                # The common case, on one gathered copy of each: buf = g + momentum * buf +
+                # wd * w (a never-updated row has buf = 0, so its first step is buf = g, as
+                # in torch); w -= lr * buf, added in place (index_add_ is several times
+                # faster than gather, subtract, scatter).
+                update = buf.index_select(0, chunk)
+                torch.add(grad, update, alpha=momentum, out=update)
+                if wd != 0:
+                    update.add_(weights, alpha=wd)
+                buf.index_copy_(0, chunk, update)
+                p.index_add_(0, chunk, update, alpha=-lr)
+                continue
+            update = grad.add(weights, alpha=wd) if wd != 0 else grad
+            if buf is not None:
+                update = buf.index_select(0, chunk).mul_(momentum).add_(update)
+                self._write_rows(buf, chunk, update, skip)
+            self._write_rows(p, chunk, weights.sub_(update, alpha=lr), skip)
 
 
 class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
@@ -117,18 +165,20 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
             state["row_step"] = torch.full((p.shape[0],), scalar_step, dtype=torch.float32, device=p.device)
             state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
             state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
-        grad_rows = grad_rows.to(p.dtype)
-        step = state["row_step"].index_select(0, rows).add_(1.0)
-        m = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad_rows, alpha=1 - beta1)
-        v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
-        bias1 = (1 - beta1**step).unsqueeze(1)
-        bias2 = (1 - beta2**step).unsqueeze(1)
-        w = p.index_select(0, rows).mul_(1 - lr * wd)
-        w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
-        self._write_rows(state["row_step"], rows, step, skip)
-        self._write_rows(state["exp_avg"], rows, m, skip)
-        self._write_rows(state["exp_avg_sq"], rows, v, skip)
-        self._write_rows(p, rows, w, skip)
+        for part in row_slices(rows.numel(), p[0].numel() * p.element_size(), p.device):
+            chunk = rows[part]
+            grad = self._grad_piece(grad_rows, part, p.dtype)
+            step = state["row_step"].index_select(0, chunk).add_(1.0)
+            m = state["exp_avg"].index_select(0, chunk).mul_(beta1).add_(grad, alpha=1 - beta1)
+            v = state["exp_avg_sq"].index_select(0, chunk).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias1 = (1 - beta1**step).unsqueeze(1)
+            bias2 = (1 - beta2**step).unsqueeze(1)
+            w = p.index_select(0, chunk).mul_(1 - lr * wd)
+            w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
+            self._write_rows(state["row_step"], chunk, step, skip)
+            self._write_rows(state["exp_avg"], chunk, m, skip)
+            self._write_rows(state["exp_avg_sq"], chunk, v, skip)
+            self._write_rows(p, chunk, w, skip)
         # torch's Adam expects a scalar "step" in every state (load_state_dict checks it);
         # here it counts the optimizer steps that touched this parameter at all.
         state["step"] = torch.as_tensor(float(state.get("step", 0)) + 1.0)

@@ -1,0 +1,250 @@
+"""Training-step throughput: the default fast path against the plain eager fp32 step.
+
+One step = forward of the backbone, PartialFC margin-softmax loss, backward, gradient
+clipping and the optimizer step, on the same batches from the same initial weights:
+
+  reference   eager fp32, NCHW, torch.optim.SGD (its default implementation), the loss read
+              on the host every step -- how insightface's arcface_torch trains on a CPU.
+  default     what train.py does by default: channels_last, autocast in the device's default
+              precision (bf16 on CPUs with bf16 units, fp16 + GradScaler on CUDA), fused SGD,
+              non-blocking host-to-device copies, no host synchronisation in the step.
+  compiled    default + torch.compile of the backbone (the config's compile=True).
+
+The paths' steps are interleaved (step i of every path, then step i+1), so other load on
+the machine slows them alike. Besides samples/s it records every path's loss at each step
+and reports the largest relative difference from the reference's loss curve.
+
+    python bench/bench_train.py [--models mbf r18 r50] [--batch-size 32] [--steps 5] [--warmup 2]
+                                [--paths reference default compiled] [--device cpu|cuda] [--quick]
+Under torchrun each process runs the batch size given (the PartialFC head is sharded).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import enable_huge_pages, default_precision, summarize, synchronize, timed  # noqa: E402
+
+PATHS = ("reference", "default", "compiled")
+NUM_CLASSES = 10_000
+CLIP_NORM = 5.0
+
+
+def _make_batches(count: int, batch: int, num_classes: int, seed: int, pin: bool):
+    """Normalised 112x112 RGB batches on the host (as the data loader delivers them)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        images = torch.randint(0, 256, (batch, 3, 112, 112), generator=g, dtype=torch.uint8)
+        images = images.float().div_(255).sub_(0.5).div_(0.5)
+        labels = torch.randint(0, num_classes, (batch,), generator=g)
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        batches.append((images, labels))
+    return batches
+
+
+class _Path:
+    """One way of running the training step; holds its own model, head and optimizer."""
+
+    def __init__(self, kind: str, backbone, head_weight, ctx, device):
+        import torch
+
+        from losses import CombinedMarginLoss, PartialFC
+        from utils.optim import build_optimizer
+
+        self.kind, self.device, self.ctx = kind, device, ctx
+        self.losses: list = []
+        self.times: list[float] = []
+        fast = kind != "reference"
+        self.precision = default_precision(device) if fast else None
+        low = fast and self.precision.low_precision
+        self.backbone = copy.deepcopy(backbone).to(device)
+        self.channels_last = fast and not type(backbone).__name__.lower().startswith("vit")
+        if self.channels_last:
+            self.backbone = self.backbone.to(memory_format=torch.channels_last)
+        self.head = PartialFC(
+            CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 512, NUM_CLASSES, 1.0, fp16=low,
+            rank=ctx.rank, world_size=ctx.world_size, check_labels=not (fast and device.type == "cuda"),
+        ).to(device)
+        with torch.no_grad():
+            self.head.weight.copy_(head_weight[self.head.class_start : self.head.class_start + self.head.num_local])
+        model = torch.compile(self.backbone) if kind == "compiled" else self.backbone
+        if ctx.is_distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[ctx.local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
+            )
+        self.model = model
+        if fast:
+            self.optimizer = build_optimizer(
+                "sgd", self.backbone.parameters(), self.head.parameters(), lr=0.1, weight_decay=5e-4,
+                momentum=0.9, device_type=device.type,
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                [{"params": self.backbone.parameters()}, {"params": self.head.parameters()}],
+                lr=0.1, momentum=0.9, weight_decay=5e-4,
+            )
+        use_scaler = fast and self.precision.use_grad_scaler
+        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
+        self.backbone.train()
+
+    def autocast(self):
+        import torch
+
+        if self.precision is None or not self.precision.low_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision.autocast_dtype)
+
+    def step(self, images, labels) -> None:
+        import torch
+
+        if self.kind == "reference":
+            images, labels = images.to(self.device), labels.to(self.device)
+            loss = self.head(self.model(images), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), CLIP_NORM)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.losses.append(loss.item())  # insightface's loss meter reads it every step
+            return
+
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            embeddings = self.model(images)
+        loss = self.head(embeddings, labels)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), CLIP_NORM)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:  # train.py's non-finite guard: the decision stays on the device
+            self.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.detach())
+
+
+def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, device, log=print) -> dict:
+    import torch
+
+    from backbones import get_model
+
+    torch.manual_seed(0)
+    backbone = get_model(name, num_features=512)
+    head_weight = torch.normal(0.0, 0.01, (NUM_CLASSES, 512))
+    runners = [_Path(kind, backbone, head_weight, ctx, device) for kind in paths]
+    batches = _make_batches(warmup + steps, batch, NUM_CLASSES, seed=1 + ctx.rank, pin=device.type == "cuda")
+    compile_seconds = None
+    for i, (images, labels) in enumerate(batches):
+        this_step = []
+        for runner in runners:
+            seconds = timed(lambda: runner.step(images, labels), device)
+            this_step.append(f"{runner.kind} {seconds:.2f}s")
+            if i >= warmup:
+                runner.times.append(seconds)
+            elif runner.kind == "compiled":
+                compile_seconds = (compile_seconds or 0.0) + seconds
+        log(f"  {name} step {i + 1}/{len(batches)}{' (warm-up)' if i < warmup else ''}: " + ", ".join(this_step))
+    synchronize(device)
+    world = ctx.world_size
+    result = {"model": name, "batch_per_process": batch, "world_size": world, "warmup": warmup, "paths": {}}
+    reference_losses = None
+    for runner in runners:
+        losses = [float(x) for x in runner.losses]
+        entry = summarize(runner.times)
+        entry["samples_per_s"] = batch * world / entry["min_s"]
+        entry["losses"] = losses
+        entry["precision"] = runner.precision.name if runner.precision else "fp32"
+        if runner.kind == "compiled":
+            entry["warmup_seconds_incl_compile"] = compile_seconds
+        result["paths"][runner.kind] = entry
+        if runner.kind == "reference":
+            reference_losses = losses
+    for kind, entry in result["paths"].items():
+        if reference_losses is not None and kind != "reference":
+            entry["max_rel_loss_diff"] = max(
+                abs(a - b) / abs(b) for a, b in zip(entry["losses"], reference_losses)
+            )
+            entry["speedup"] = entry["samples_per_s"] / result["paths"]["reference"]["samples_per_s"]
+    del runners
+    return result
+
+
+def run(models, *, batch=32, steps=5, warmup=2, paths=PATHS, device="auto", log=print) -> dict:
+    from utils.distributed import cleanup_distributed, init_distributed
+
+    ctx = init_distributed(timeout_minutes=10, device=None if device == "auto" else device)
+    try:
+        results = [run_model(m, batch=batch, steps=steps, warmup=warmup, paths=paths, ctx=ctx,
+                             device=ctx.device, log=log if ctx.is_main else (lambda *_: None)) for m in models]
+    finally:
+        cleanup_distributed(ctx)
+    return {"models": results, "num_classes": NUM_CLASSES, "steps": steps, "warmup": warmup,
+            "world_size": ctx.world_size, "is_main": ctx.is_main}
+
+
+def format_table(result: dict) -> str:
+    paths = [p for p in PATHS if any(p in m["paths"] for m in result["models"])]
+    compared = [p for p in paths if p != "reference"] if "reference" in paths else []
+    header = ["model", "batch/process"] + [f"{p} samples/s" for p in paths]
+    header += [f"{p} speed-up" for p in compared] + [f"{p} max loss diff" for p in compared]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    for m in result["models"]:
+        cells = [m["model"], str(m["batch_per_process"])]
+        for p in paths:
+            e = m["paths"].get(p)
+            cells.append(f"{e['samples_per_s']:.1f} ({e['precision']})" if e else "-")
+        for p in compared:
+            e = m["paths"].get(p)
+            cells.append(f"{e['speedup']:.2f}x" if e and "speedup" in e else "-")
+        for p in compared:
+            e = m["paths"].get(p)
+            cells.append(f"{100 * e['max_rel_loss_diff']:.2f}%" if e and "max_rel_loss_diff" in e else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["mbf", "r18", "r50"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--quick", action="store_true", help="mbf only, batch 8, 2 steps, no compile (smoke test)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    enable_huge_pages()  # as train.py does
+    if args.quick:
+        args.models, args.batch_size, args.steps, args.warmup = ["mbf"], 8, 2, 1
+        args.paths = [p for p in args.paths if p != "compiled"]
+    start = time.perf_counter()
+    result = run(args.models, batch=args.batch_size, steps=args.steps, warmup=args.warmup, paths=args.paths,
+                 device=args.device)
+    if result["is_main"]:
+        print(format_table(result))
+        print(f"({time.perf_counter() - start:.0f} s)")
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

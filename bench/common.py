@@ -1,0 +1,179 @@
+"""What the benchmarks share: device set-up, timing, memory peaks and the machine description.
+
+Every benchmark compares paths *within one run* on the same inputs, interleaving their
+steps, so that other load on the machine slows all of them alike and the ratios stay
+meaningful even when the absolute numbers move.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from utils.host_memory import enable_huge_pages  # noqa: E402,F401  (the benchmarks use train.py's setting)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name} requested but CUDA is not available")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds that fn() takes, with the device's queued work finished before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def summarize(times: list[float]) -> dict:
+    """Per-step times. The reported number is the fastest step (`min_s`): other processes
+    on the machine only ever make a step slower, so the minimum is the least disturbed
+    estimate (as timeit reports it); the median is kept for reference."""
+    return {"min_s": min(times), "median_s": statistics.median(times), "steps": len(times),
+            "times_s": [round(t, 5) for t in times]}
+
+
+# ---- memory -------------------------------------------------------------------------------
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a code region in bytes, above what was in use when it started.
+
+    CUDA: torch.cuda.max_memory_allocated (tensors only, exact). CPU: the resident set's
+    high-water mark (VmHWM), reset at the start through /proc/self/clear_refs, minus the
+    resident set at that moment. That counts every allocation of the process, so run each
+    case in a fresh process (the caller's job) and compare cases measured the same way.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.supported = device.type == "cuda" or _proc_status_kib("VmHWM") is not None
+        self.start = 0
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        elif self.supported:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # resets VmHWM to the current VmRSS
+            except OSError:
+                self.supported = False
+            self.start = (_proc_status_kib("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def peak_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - self.start
+        if not self.supported:
+            return None
+        return (_proc_status_kib("VmHWM") or 0) * 1024 - self.start
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---- the machine ------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device.type,
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        info["onnxruntime"] = None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            kernel = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        kernel = "n/a"
+    info["huge_pages"] = f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, kernel THP {kernel}"
+    try:
+        info["load_average_at_start"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
+            gpu_count=torch.cuda.device_count(),
+        )
+    return info
+
+
+def default_precision(device: torch.device):
+    """The precision train.py picks by default: bf16 where the CPU has bf16 units, fp16 with
+    a GradScaler on CUDA (the shipped configs set fp16=True), fp32 otherwise."""
+    from utils.amp import resolve_precision
+
+    return resolve_precision("auto", device.type == "cuda", device)

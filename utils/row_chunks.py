@@ -1,0 +1,22 @@
+"""Splitting row-wise work on a large [rows x D] matrix into pieces.
+
+Element-wise work on a [k x D] matrix of sampled class centres (k up to hundreds of
+thousands) would allocate [k x D] temporaries for every intermediate result. Done
+piece by piece, the temporaries are bounded by one piece. The pieces are not made
+small: on a CPU every operation is a parallel region whose threads must all arrive,
+which costs most when other processes share the cores, and on an accelerator every
+operation is a kernel launch.
+"""
+from __future__ import annotations
+
+import torch
+
+CPU_CHUNK_BYTES = 32 * 1024 * 1024
+ACCELERATOR_CHUNK_BYTES = 1024 * 1024 * 1024
+
+
+def row_slices(num_rows: int, row_bytes: int, device: torch.device) -> list[slice]:
+    """Consecutive slices covering range(num_rows), each about one chunk's worth of bytes."""
+    budget = CPU_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+    step = max(1, budget // max(1, row_bytes))
+    return [slice(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
