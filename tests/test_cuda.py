@@ -122,7 +122,7 @@ def test_train_fp16_with_grad_scaler_on_cuda(tmp_path, launcher):
         *prefix, REPO_ROOT / "train.py", "configs/ms1mv3_r50", f"--rec={rec}", f"--output={out}",
         "--network=r18", "--num_classes=12", "--num_image=48", "--batch_size=8", "--num_epoch=2",
         "--frequent=2", "--fp16=True", "--val_targets=['lfw_style']", "--verbose=4", "--sample_rate=0.5",
-        "--embedding_size=128",
+        "--embedding_size=128", "--lr=0.02",
     ], timeout=600)
     log = (out / "training.log").read_text()
     assert "precision fp16" in log and "grad scale" in log
@@ -135,8 +135,11 @@ def test_train_fp16_with_grad_scaler_on_cuda(tmp_path, launcher):
     import onnxruntime as ort
     from backbones import get_model
 
+    weights = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert "loss nan" not in log and "skipped non-finite" not in log
     model = get_model("r18", num_features=128)
-    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    model.load_state_dict(weights)
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
     with torch.no_grad():
         want = model.eval()(torch.from_numpy(x)).numpy()
@@ -172,3 +175,33 @@ def test_float16_evaluation_of_an_untrained_iresnet_stays_finite():
     fp16, _ = embed_verification_set(data, model, batch_size=8, amp_dtype=torch.float16)
     assert np.isfinite(fp16).all()
     assert (fp16 * fp32).sum(axis=1).min() > 0.999
+
+
+def test_a_skipped_first_fused_sgd_step_leaves_no_garbage_momentum():
+    """GradScaler's first steps overflow and are skipped on the device; torch's fused SGD
+    would keep an uninitialised momentum buffer from such a step (NaN weights later)."""
+    from utils.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).to(CUDA)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer("sgd", model.parameters(), [], lr=0.1, weight_decay=5e-4, device_type="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=1.0)
+    x = torch.randn(8, 16, device=CUDA)
+    for batch in (x * float("inf"), x):  # the first step's gradients are not finite
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = model(batch).float().pow(2).sum() * 1e4
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+    # Reference: one plain SGD step from the start (the skipped step changed nothing).
+    reference = torch.nn.Linear(16, 4).to(CUDA)
+    reference.load_state_dict(start)
+    plain = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    (reference(x).float().pow(2).sum() * 1e4).backward()
+    plain.step()
+    for name, value in model.state_dict().items():
+        assert torch.isfinite(value).all(), name
+        torch.testing.assert_close(value, reference.state_dict()[name], rtol=2e-2, atol=1e-3)

@@ -279,3 +279,19 @@ def test_grad_scaler_hands_scale_and_inf_flag_to_the_fused_step(cls):
     scaler.update()
     assert torch.equal(dense.detach(), before[0]) and torch.equal(rows.detach(), before[1])
     assert scaler.get_scale() < scale
+
+
+def test_sgd_gives_a_zero_momentum_buffer_before_a_step_the_device_may_skip():
+    """torch's fused SGD starts momentum from an uninitialised buffer that a device-side
+    skip (found_inf) leaves as garbage; ours is zero before such a step (tests/test_cuda.py
+    runs the skipped step itself)."""
+    from utils.optim import build_optimizer
+
+    p = torch.nn.Parameter(torch.ones(3, 2))
+    optimizer = build_optimizer("sgd", [p], [], lr=0.1, weight_decay=0.0, device_type="cpu")
+    p.grad = torch.ones_like(p)
+    optimizer._before_dense_step()
+    assert "momentum_buffer" not in optimizer.state[p]  # no device skip pending: torch's own start
+    optimizer.found_inf = torch.zeros(())
+    optimizer._before_dense_step()
+    assert torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros(3, 2))

@@ -108,6 +108,21 @@ class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
     """torch.optim.SGD; a parameter with a sparse row gradient gets, for its rows r only:
     g = grad[r] + wd * w[r];  buf[r] = momentum * buf[r] + g;  w[r] -= lr * buf[r]."""
 
+    def _before_dense_step(self) -> None:
+        # torch's fused SGD gives a parameter without a momentum buffer an *uninitialised*
+        # one (empty_like) and fills it in the kernel, which a device-side `found_inf`
+        # skips: a skipped first step (GradScaler's usual start with fp16) then leaves
+        # garbage that the next step turns into NaN weights. A zero buffer is the same
+        # first step (buf = 0 * momentum + g = g, no dampening) and survives a skip.
+        if getattr(self, "found_inf", None) is None:
+            return
+        for group in self.param_groups:
+            if group["momentum"] == 0 or group["dampening"] != 0:
+                continue
+            for p in group["params"]:
+                if p.grad is not None and self.state[p].get("momentum_buffer") is None:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
     def _row_update(self, group: dict, p: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor, skip=None) -> None:
         if group["nesterov"] or group["maximize"] or group["dampening"] != 0:
             raise ValueError("sampled-row SGD supports plain momentum only (no nesterov, maximize or dampening)")
