@@ -5,14 +5,13 @@ batch. Loader: whole batches only, workers seeded per rank, the same batches wit
 workers, DataError from a worker arrives with its message. pack_rec: an image folder packed
 and read back with our reader, byte for byte for JPEG files, and its errors.
 """
-import shutil
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_TESTDATA
+from conftest import copy_ms1m_style
 from dataset import DataError, MXFaceDataset, ResumableDistributedSampler, get_dataloader, inspect_dataset
 from helpers import PYTHON, REPO_ROOT, run_script
 
@@ -52,10 +51,7 @@ def test_resume_at_a_batch_continues_the_same_order():
 
 @pytest.fixture(scope="module")
 def ms1m(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ms1m")
-    for name in ("train.rec", "train.idx", "property"):
-        shutil.copy(SHARED_TESTDATA / "ms1m_style" / name, folder / name)
-    return folder
+    return copy_ms1m_style(tmp_path_factory.mktemp("ms1m"))
 
 
 def _epoch(loader, epoch, start_batch=0):

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHARED_TESTDATA
+from conftest import copy_ms1m_style
 from helpers import PYTHON, REPO_ROOT, free_port, run_script
 
 NUM_CLASSES, NUM_IMAGES, DIM = 12, 48, 128
@@ -34,10 +34,7 @@ TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
 
 @pytest.fixture(scope="module")
 def rec(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rec")
-    for name in ("train.rec", "train.idx", "property"):
-        shutil.copy(SHARED_TESTDATA / "ms1m_style" / name, folder / name)
-    return folder
+    return copy_ms1m_style(tmp_path_factory.mktemp("rec"))
 
 
 def _args(rec, output, *extra):
@@ -173,7 +170,7 @@ def test_merge_and_split_tool(two_rank_run, merged, tmp_path):
     assert torch.equal(state["state_dict_softmax_fc"]["weight"], torch.cat([s["state_dict_softmax_fc"]["weight"] for s in shards]))
     assert state["world_size"] == 1 and state["global_step"] == 3
 
-    proc = run_script([PYTHON, TOOL, "split", merged, tmp_path / "three", "--world-size=3"])
+    run_script([PYTHON, TOOL, "split", merged, tmp_path / "three", "--world-size=3"])
     (set_dir,) = (tmp_path / "three" / "checkpoints").iterdir()
     assert set_dir.name == "step_000000003" and (set_dir / "manifest.json").exists()
     parts = [_load(set_dir / f"checkpoint_gpu_{r}.pt") for r in range(3)]
