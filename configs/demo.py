@@ -19,7 +19,7 @@ config.margin_scale = 32.0  # s = 64 is for hundreds of thousands of classes; 10
 # better to new people than the other way round (measured: 300 x 16 and 50 x 96 do worse).
 config.rec = "data/synthetic_faces"
 config.synthetic_faces = dict(
-    num_identities=100, images_per_identity=48, num_val_identities=100, num_val_pairs=300, seed=0, variation=0.7,
+    num_identities=100, images_per_identity=48, num_val_identities=100, num_val_pairs=300, seed=0, variation=0.6,
 )
 config.val_targets = ["synthetic_val"]
 config.eval_at_start = True

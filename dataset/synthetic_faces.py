@@ -32,8 +32,9 @@ from dataset.errors import DataError
 SIZE = 112
 VAL_NAME = "synthetic_val"  # the verification set is <root>/synthetic_val.bin
 PARAMS_FILE = "synthetic_faces.json"  # written last: its presence with complete=true marks a finished set
+_OUTPUTS = ("train.rec", "train.idx", "property", f"{VAL_NAME}.bin")
 # Bump when the drawing changes, so that sets drawn by older code are regenerated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Independent random streams: (seed, stream, ...) never collide between streams.
 _TRAIN_IDENTITY, _VAL_IDENTITY, _VAL_PAIRS = 0, 1, 2
@@ -167,7 +168,8 @@ class _Pose:
 
     def point(self, x: float, y: float) -> tuple[int, int]:
         x, y = x - _CX, y - _CY
-        return (int(round((self.c * x - self.s * y + self.tx) * _ONE)), int(round((self.s * x + self.c * y + self.ty) * _ONE)))
+        return (int(round((self.c * x - self.s * y + self.tx) * _ONE)),
+                int(round((self.s * x + self.c * y + self.ty) * _ONE)))
 
     def points(self, xy: np.ndarray) -> np.ndarray:
         xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
@@ -344,7 +346,7 @@ def render_face(p: Identity, rng: np.random.Generator, variation: float = 1.0) -
     """One 112x112 BGR uint8 photo of identity `p`; `rng` draws this photo's conditions."""
     u = rng.uniform
     v = variation
-    pose = _Pose(u(-12, 12) * v, 1 + u(-0.08, 0.08) * v, u(-5, 5) * v, u(-5, 5) * v)
+    pose = _Pose(u(-15, 15) * v, 1 + u(-0.1, 0.1) * v, u(-8, 8) * v, u(-8, 8) * v)
     yaw = u(-0.35, 0.35) * v  # turning the head: inner features slide sideways, the far side narrows
     image = np.ascontiguousarray(_background(rng))
     cv = _Canvas(image, pose)
@@ -544,22 +546,22 @@ def _params(num_identities, images_per_identity, num_val_identities, num_val_pai
 
 
 def _check_params(params: dict) -> None:
+    where = "synthetic_faces"
     for key in ("num_identities", "images_per_identity", "num_val_identities", "num_val_pairs"):
         value = params[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise DataError(f"synthetic_faces: {key} must be a positive integer, got {value!r}")
-    if params["num_val_identities"] < 2:
-        raise DataError(f"synthetic_faces: num_val_identities must be at least 2, got {params['num_val_identities']}")
-    if params["images_per_identity"] < 2:
-        raise DataError(f"synthetic_faces: images_per_identity must be at least 2, got {params['images_per_identity']}")
+            raise DataError(f"{where}: {key} must be a positive integer, got {value!r}")
+    for key in ("num_val_identities", "images_per_identity"):
+        if params[key] < 2:
+            raise DataError(f"{where}: {key} must be at least 2, got {params[key]}")
     if params["num_val_pairs"] % 2:
-        raise DataError(f"synthetic_faces: num_val_pairs must be even (half same, half different), got {params['num_val_pairs']}")
+        raise DataError(f"{where}: num_val_pairs must be even (half same, half different), got {params['num_val_pairs']}")
     if not isinstance(params["seed"], int) or isinstance(params["seed"], bool) or params["seed"] < 0:
-        raise DataError(f"synthetic_faces: seed must be a non-negative integer, got {params['seed']!r}")
+        raise DataError(f"{where}: seed must be a non-negative integer, got {params['seed']!r}")
     if not isinstance(params["quality"], int) or not 1 <= params["quality"] <= 100:
-        raise DataError(f"synthetic_faces: quality must be a JPEG quality in 1..100, got {params['quality']!r}")
+        raise DataError(f"{where}: quality must be a JPEG quality in 1..100, got {params['quality']!r}")
     if not isinstance(params["variation"], (int, float)) or not 0 <= params["variation"] <= 2:
-        raise DataError(f"synthetic_faces: variation must be a number in [0, 2], got {params['variation']!r}")
+        raise DataError(f"{where}: variation must be a number in [0, 2], got {params['variation']!r}")
 
 
 def read_params(root: str | os.PathLike) -> dict | None:
@@ -585,6 +587,7 @@ def materialize(
     variation: float = 1.0,
     *,
     workers: int | None = None,
+    **unknown,
 ) -> bool:
     """Write the synthetic-faces set into `root` unless it already holds the same one.
 
@@ -595,18 +598,24 @@ def materialize(
     holding a `train.rec` that this generator did not write is refused rather than
     overwritten. `workers` processes draw the images (default: the CPU count, at most 8);
     the output does not depend on it. Returns True when the set was (re)generated, False
-    when it was reused.
+    when it was reused. The parameters usually come from a config's `synthetic_faces`
+    dict, so an unknown one is a DataError naming it rather than a TypeError.
     """
     logger = logging.getLogger("arcface.data")
+    if unknown:
+        raise DataError(_unknown_key_message(sorted(unknown)[0]))
+    if str(root) == "synthetic":
+        raise DataError("synthetic_faces needs rec to be a folder to draw into; rec='synthetic' means random tensors")
     params = _params(num_identities, images_per_identity, num_val_identities, num_val_pairs, seed, quality, variation)
     _check_params(params)
     out = Path(root)
     marker = out / PARAMS_FILE
-    if read_params(out) == params and all((out / n).is_file() for n in ("train.rec", "train.idx", "property", f"{VAL_NAME}.bin")):
-        logger.info("synthetic faces: reusing the set in %s (%d identities x %d images)", out, num_identities, images_per_identity)
+    if read_params(out) == params and all((out / name).is_file() for name in _OUTPUTS):
+        logger.info("synthetic faces: reusing the set in %s (%d identities x %d images)",
+                    out, num_identities, images_per_identity)
         return False
     if out.exists() and not out.is_dir():
-        raise DataError(f"synthetic_faces: {out} exists and is not a folder")
+        raise DataError(f"synthetic_faces: rec={str(root)!r} exists and is not a folder")
     if (out / "train.rec").exists() and not marker.exists():
         raise DataError(
             f"synthetic_faces: {out} already holds a train.rec that was not generated here "
@@ -639,6 +648,16 @@ def materialize(
     _write_marker(marker, params, complete=True)
     logger.info("synthetic faces: done in %.1f s", time.perf_counter() - start)
     return True
+
+
+def _unknown_key_message(key: str) -> str:
+    import difflib
+    import inspect
+
+    known = [name for name in inspect.signature(materialize).parameters if name not in ("root", "unknown")]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"synthetic_faces: unknown key {key!r}; {hint}known keys: {', '.join(known)}"
 
 
 def _write_marker(path: Path, params: dict, complete: bool) -> None:

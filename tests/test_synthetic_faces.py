@@ -143,6 +143,7 @@ def test_a_foreign_data_set_is_not_overwritten(tmp_path):
     ("num_val_pairs", 7, "num_val_pairs must be even"),
     ("quality", 101, "quality must be a JPEG quality in 1..100"),
     ("variation", "high", "variation must be a number in"),
+    ("num_identites", 5, "unknown key 'num_identites'; did you mean 'num_identities'"),  # a typo in a config
 ])
 def test_bad_parameters_name_the_key(tmp_path, key, value, message):
     with pytest.raises(DataError, match=message):
