@@ -18,7 +18,9 @@ $(STAMP): requirements.txt
 test: setup
 	$(PY) -m pytest -q tests
 
+# A fresh run each time (the drawn data set in data/synthetic_faces is reused).
 demo: setup
+	rm -rf work_dirs/demo
 	$(PY) train.py configs/demo.py
 
 bench: setup
