@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import cv2
 import numpy as np
@@ -165,19 +166,31 @@ def test_cli_writes_the_set_and_a_preview(tmp_path):
         "error: synthetic_faces: num_val_pairs must be even (half same, half different), got 3"]
 
 
-def test_train_py_generates_the_set_and_evaluates_before_during_and_after(tmp_path):
+def test_train_py_generates_the_set_and_learns_to_verify_new_identities(tmp_path):
+    """The demo's promise on a smaller set: held-out verification accuracy clearly rises.
+
+    Measured: about 71% before and 92% after these 120 steps; the untrained network is far
+    from chance because the faces differ in colour, but only training separates people.
+    """
     data, out = tmp_path / "data", tmp_path / "run"
-    faces = dict(num_identities=8, images_per_identity=4, num_val_identities=4, num_val_pairs=20, seed=1)
+    faces = dict(num_identities=30, images_per_identity=32, num_val_identities=50, num_val_pairs=300, seed=0,
+                 variation=0.6)
     proc = run_script([
         PYTHON, REPO_ROOT / "train.py", "configs/demo.py", f"--rec={data}", f"--output={out}",
-        f"--synthetic_faces={faces!r}", "--batch_size=8", "--num_epoch=1", "--verbose=2", "--frequent=1",
-        "--embedding_size=32",
-    ], timeout=300)
-    assert sf.read_params(data)["num_identities"] == 8
+        f"--synthetic_faces={faces!r}", "--num_epoch=2", "--verbose=60", "--frequent=20", "--embedding_size=64",
+    ], env={"OMP_NUM_THREADS": str(min(os.cpu_count() or 1, 4))}, timeout=600)  # one process: use the cores
+    assert sf.read_params(data)["num_identities"] == 30
     log = (out / "training.log").read_text()
-    total = 32 // 8
-    for step in (0, 2, total):
-        assert f"[synthetic_val][{step}]Accuracy-Flip" in log
-    assert f"verification accuracy before training" in log and f"after {total} steps" in log
-    assert "verification accuracy before training" in proc.stdout
+    total = 2 * 30 * 32 // 16
+    accuracy = {}
+    for step in (0, 60, total):
+        match = re.search(rf"\[synthetic_val\]\[{step}\]Accuracy-Flip: ([0-9.]+)", log)
+        assert match, f"no evaluation at step {step}"
+        accuracy[step] = float(match.group(1))
+    assert accuracy[total] >= accuracy[0] + 0.12, accuracy
+    summary = re.search(r"verification accuracy before training ([0-9.]+)%, after (\d+) steps ([0-9.]+)%", proc.stdout)
+    assert summary, proc.stdout[-2000:]
+    assert int(summary.group(2)) == total
+    assert float(summary.group(1)) == pytest.approx(100 * accuracy[0], abs=0.01)
+    assert float(summary.group(3)) == pytest.approx(100 * accuracy[total], abs=0.01)
     assert json.loads((out / "config.json").read_text())["val_targets"] == ["synthetic_val"]
