@@ -141,6 +141,26 @@ class _Path:
         self.losses.append(loss.detach())
 
 
+def _conv_share(runner: _Path, images, labels) -> dict:
+    """One extra step under the CPU profiler: seconds in convolutions (forward and backward)
+    and in everything else, by the ops' own time. This is what bounds a speed-up: if the
+    convolutions gain a factor k and take a share p of the reference step, no other
+    optimisation takes the step past 1 / (p / k)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.step(images, labels)
+    conv = other = 0.0
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        if "conv" in event.key.lower():  # aten::mkldnn_convolution, aten::convolution_backward, inductor's
+            conv += seconds
+        else:
+            other += seconds
+    runner.losses.pop()  # the profiled step is not part of the loss curve
+    return {"conv_s": conv, "other_s": other}
+
+
 def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, device, log=print) -> dict:
     import torch
 
@@ -163,6 +183,10 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
                 compile_seconds = (compile_seconds or 0.0) + seconds
         log(f"  {name} step {i + 1}/{len(batches)}{' (warm-up)' if i < warmup else ''}: " + ", ".join(this_step))
     synchronize(device)
+    breakdown = {}
+    if device.type == "cpu" and not ctx.is_distributed:
+        images, labels = batches[-1]
+        breakdown = {runner.kind: _conv_share(runner, images, labels) for runner in runners}
     world = ctx.world_size
     result = {"model": name, "batch_per_process": batch, "world_size": world, "warmup": warmup, "paths": {}}
     reference_losses = None
@@ -174,6 +198,8 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
         entry["precision"] = runner.precision.name if runner.precision else "fp32"
         if runner.kind == "compiled":
             entry["warmup_seconds_incl_compile"] = compile_seconds
+        if runner.kind in breakdown:
+            entry["profiled_step"] = breakdown[runner.kind]
         result["paths"][runner.kind] = entry
         if runner.kind == "reference":
             reference_losses = losses

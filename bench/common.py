@@ -124,6 +124,38 @@ def available_memory_bytes(device: torch.device) -> int | None:
 
 # ---- the machine ------------------------------------------------------------------------
 
+class OtherLoad:
+    """CPU time that processes other than this suite (and the children it waited for) used.
+
+    The load average cannot tell a quiet machine from a shared one here: the suite's own
+    threads count in it, and so does whatever ran in the minute before. /proc/stat's busy
+    time minus this process tree's CPU time is what everybody else took.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        own = sum(os.times()[:4])  # user + system of this process and of its waited-for children
+        return time.monotonic(), busy, own
+
+    def cores(self) -> float | None:
+        """Average number of cores other processes kept busy since construction."""
+        now = self._sample()
+        if self._start is None or now is None or now[0] <= self._start[0]:
+            return None
+        wall, busy, own = (b - a for a, b in zip(self._start, now))
+        return max(0.0, busy - own) / wall
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -135,12 +167,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_matrix_units() -> str:
+    """The CPU's bf16/int8 matrix instructions, which decide what bf16 autocast can gain."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    found = [f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx512f") if f in flags]
+    return " ".join(found) if found else "none of amx/avx512"
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device.type,
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "cpu_matrix_units": cpu_matrix_units(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -21,7 +21,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import enable_huge_pages, ROOT, machine_info, resolve_device  # noqa: E402
+from bench.common import OtherLoad, ROOT, enable_huge_pages, machine_info, resolve_device  # noqa: E402
 
 DOCS = ROOT / "docs"
 QUICK_DIR = ROOT / "bench" / "results"
@@ -135,11 +135,13 @@ def main() -> int:
         out = results_path(kind, args.quick)
         previous = json.loads(out.read_text()) if out.exists() else {}
         info = machine_info(device)
+        other_load = OtherLoad()
         start = time.perf_counter()
         kept = {k: v for k, v in previous.items() if k in SUITES}  # a partial run (--only) keeps the rest
 
         def save(measured: dict) -> None:
             info["load_average_at_end"] = os.getloadavg()[0]
+            info["other_processes_cores"] = other_load.cores()
             info["suite_seconds"] = round(time.perf_counter() - start)
             result = {**kept, **measured, "machine": info,
                       "note": args.note if args.note is not None else previous.get("note")}
