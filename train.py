@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from utils.config import ConfigError, Config, format_config, load_config, save_config
-from utils.distributed import DistContext, cleanup_distributed, init_distributed
+from utils.distributed import DeviceError, DistContext, cleanup_distributed, init_distributed, wrap_ddp
 
 # Errors caused by the user's input (config, data, checkpoints): one line, exit code 2.
 EXIT_USER_ERROR = 2
@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 
-    ctx = init_distributed(timeout_minutes=cfg.dist_timeout_minutes, device=cfg.device)
+    try:
+        ctx = init_distributed(timeout_minutes=cfg.dist_timeout_minutes, device=cfg.device)
+    except DeviceError as exc:
+        print(f"error (local rank {os.environ.get('LOCAL_RANK', 0)}): {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     try:
         return train(cfg, ctx)
     except _user_errors() as exc:
@@ -273,12 +277,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
     model = torch.compile(backbone) if cfg.compile else backbone
     if ctx.is_distributed:
         # DDP broadcasts rank 0's weights now, so only rank 0 needs to load them on resume.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.local_rank] if device.type == "cuda" else None,
-            # BatchNorm statistics stay per rank during training (as in insightface); rank 0's
-            # are still copied to all ranks once, when DDP wraps the model.
-            forward_sync_buffers=False, bucket_cap_mb=16,
-        )
+        model = wrap_ddp(model, ctx)
 
     optimizer = build_optimizer(
         cfg.optimizer, backbone_module.parameters(), partial_fc.parameters(),

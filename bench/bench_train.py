@@ -61,6 +61,7 @@ class _Path:
         import torch
 
         from losses import CombinedMarginLoss, PartialFC
+        from utils.distributed import wrap_ddp
         from utils.optim import build_optimizer
 
         self.kind, self.device, self.ctx = kind, device, ctx
@@ -81,9 +82,7 @@ class _Path:
             self.head.weight.copy_(head_weight[self.head.class_start : self.head.class_start + self.head.num_local])
         model = torch.compile(self.backbone) if kind == "compiled" else self.backbone
         if ctx.is_distributed:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[ctx.local_rank] if device.type == "cuda" else None, broadcast_buffers=False,
-            )
+            model = wrap_ddp(model, ctx)
         self.model = model
         if fast:
             self.optimizer = build_optimizer(

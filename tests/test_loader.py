@@ -85,7 +85,7 @@ def test_ranks_read_different_samples(ms1m):
     labels = []
     for rank in range(2):
         loader = get_dataloader(str(ms1m), 0, 4, seed=11, num_workers=0, rank=rank, world_size=2)
-        labels.append(torch.cat([y for _, y in _epoch(loader, 0)]))
+        labels.append(torch.cat([y.cpu() for _, y in _epoch(loader, 0)]))
     both = torch.cat(labels).sort().values
     assert torch.equal(both, torch.arange(12).repeat_interleave(4))  # every image once over the 2 ranks
 

@@ -25,7 +25,7 @@ from helpers import PYTHON, REPO_ROOT, free_port, run_script
 
 NUM_CLASSES, NUM_IMAGES, DIM = 12, 48, 128
 COMMON = [
-    "--network=mbf", f"--num_classes={NUM_CLASSES}", f"--num_image={NUM_IMAGES}", "--batch_size=4", "--frequent=1",
+    "--device=cpu", "--network=mbf", f"--num_classes={NUM_CLASSES}", f"--num_image={NUM_IMAGES}", "--batch_size=4", "--frequent=1",
     "--num_workers=1", f"--embedding_size={DIM}", "--lr=0.05", "--warmup_epoch=0", "--precision=fp32",
     "--val_targets=[]", "--num_epoch=1",
 ]

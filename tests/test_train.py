@@ -18,7 +18,7 @@ from helpers import PYTHON, REPO_ROOT, run_script
 
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 COMMON = [
-    "--network=mbf", "--num_classes=12", "--num_image=48", "--batch_size=4", "--frequent=1",
+    "--device=cpu", "--network=mbf", "--num_classes=12", "--num_image=48", "--batch_size=4", "--frequent=1",
     "--num_workers=1", "--embedding_size=128", "--lr=0.05",
 ]
 
@@ -178,3 +178,22 @@ def test_checkpoint_from_another_network_is_refused_before_writing(rec, tmp_path
     assert proc.returncode == 2 and "was trained with network='mbf', the config has 'r18'" in proc.stderr
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert before == after
+
+
+def test_more_local_ranks_than_gpus_is_a_one_line_error(rec, tmp_path):
+    """torch says only 'invalid device ordinal'; we say what to change (here: no GPU, or one)."""
+    import torch
+
+    out = tmp_path / "run"
+    rank = torch.cuda.device_count()  # one past the last GPU: 0 on a CPU machine
+    proc = run_script([PYTHON, REPO_ROOT / "train.py", "configs/ms1mv3_r50", f"--rec={rec}", f"--output={out}",
+                       "--device=cuda"], env={"LOCAL_RANK": str(rank)}, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    if rank == 0:
+        assert "local rank 0 asks for CUDA, but this node has no visible CUDA device" in lines[0]
+    else:
+        assert f"local rank {rank} needs GPU {rank}, but this node has {rank} visible CUDA device" in lines[0]
+        assert f"start at most {rank} processes per node (--nproc_per_node)" in lines[0]
+    assert "--device=cpu" in lines[0]
+    assert not out.exists()

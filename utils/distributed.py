@@ -15,6 +15,10 @@ import torch
 import torch.distributed as dist
 
 
+class DeviceError(RuntimeError):
+    """The launch asks for devices this machine does not have."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int = 0
@@ -59,6 +63,17 @@ def init_distributed(timeout_minutes: float = 30.0, device: str | None = None) -
 
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            # torch's own message ("invalid device ordinal") does not say what to change.
+            if visible == 0:
+                raise DeviceError(f"local rank {local_rank} asks for CUDA, but this node has no visible CUDA "
+                                  "device: train on the CPU with --device=cpu")
+            raise DeviceError(
+                f"local rank {local_rank} needs GPU {local_rank}, but this node has {visible} visible CUDA "
+                f"device{'s' if visible != 1 else ''}: start at most {visible} processes per node "
+                "(--nproc_per_node) or train on the CPU with --device=cpu"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
@@ -101,6 +116,28 @@ def cleanup_distributed(ctx: DistContext | None = None) -> None:
     """Destroy the process group if this process created one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, *, bucket_cap_mb: int = 16) -> torch.nn.Module:
+    """DistributedDataParallel around `model` whose buffers (BatchNorm statistics) stay per rank
+    in training, as in insightface, after one copy of rank 0's at wrapping time.
+
+    torch 2.13 spells this `forward_sync_buffers=False`; older releases only have
+    `broadcast_buffers=False`, which also leaves the buffers out of the initial sync, so
+    they are broadcast here. Either way every rank starts from rank 0's state (a resumed
+    run loads it on rank 0 only).
+    """
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(model, device_ids=device_ids, forward_sync_buffers=False, bucket_cap_mb=bucket_cap_mb)
+    wrapped = ddp(model, device_ids=device_ids, broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb)
+    with torch.no_grad():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    return wrapped
 
 
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
