@@ -26,8 +26,14 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.2f} GiB"
 
 
-def _machine_lines(info: dict, note: str | None) -> list[str]:
-    lines = [f"- Date: {info.get('date')}; suite run time {info.get('suite_seconds', '?')} s"]
+def _machine_lines(info: dict, note: str | None, parts: dict) -> list[str]:
+    dates = _measurement_dates(parts)
+    if dates - {info.get("date")}:
+        lines = [f"- Dates: {min(dates)} to {max(dates)}; the latest run ({info.get('date')}, "
+                 f"{info.get('suite_seconds', '?')} s) re-measured some sections only, and each section says when "
+                 "it was measured; the lines below describe that run"]
+    else:
+        lines = [f"- Date: {info.get('date')}; suite run time {info.get('suite_seconds', '?')} s"]
     cpu = f"- CPU: {info.get('cpu')}, {info.get('cpu_cores')} cores, torch threads {info.get('torch_threads')}"
     if info.get("cpu_matrix_units"):
         cpu += f"; vector/matrix units: {info['cpu_matrix_units']} (torch kernels: {info.get('torch_cpu_capability')})"
@@ -149,6 +155,20 @@ def _status(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
+def _measurement_dates(result: dict) -> set[str]:
+    return {p["measured"]["date"] for p in result.values() if isinstance(p, dict) and p.get("measured")}
+
+
+def _measured(part: dict, info: dict, result: dict) -> list[str]:
+    """When a section was measured, where the sections come from more than one run."""
+    m = part.get("measured")
+    if not m or len(_measurement_dates(result) | {info.get("date")}) < 2:
+        return []
+    other = m.get("other_processes_cores")
+    load = f"; other processes used {other:.2f} of the {info.get('cpu_cores')} cores" if other is not None else ""
+    return [f"*Measured at {m['date']} ({m['seconds']} s{load}).*", ""]
+
+
 def _conv_breakdown(train: dict) -> list[str]:
     """Where a profiled step's time goes: convolutions (forward + backward) and everything else."""
     rows = []
@@ -179,7 +199,7 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
     failed = {k: v["error"] for k, v in result.items() if isinstance(v, dict) and "error" in v}
     result = {k: v for k, v in result.items() if k not in failed}
     lines = [f"## {DEVICE_TITLES.get(kind, kind)}", ""]
-    lines += _machine_lines(info, result.get("note")) + [""]
+    lines += _machine_lines(info, result.get("note"), result) + [""]
     for part, error in failed.items():
         lines += [f"**{part}: the benchmark failed** ({error}).", ""]
 
@@ -196,6 +216,7 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
         lines += [
             "### (a) Training step",
             "",
+            *_measured(t, info, result),
             f"Forward, PartialFC loss ({t['num_classes']:,} classes, sample rate 1.0), backward, clipping and "
             f"SGD step; the fastest of {t['steps']} timed steps after {t['warmup']} warm-up steps. *reference*: eager "
             "fp32, NCHW, torch.optim.SGD, loss read every step (insightface on a CPU); *default*: train.py's "
@@ -225,6 +246,7 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
         lines += [
             "### (b) PartialFC step",
             "",
+            *_measured(pfc, info, result),
             f"Loss, backward and SGD step (momentum 0.9, weight decay 5e-4) of the margin-softmax head for a "
             f"global batch of 512-d embeddings; logits in {precision}; the fastest of {pfc['steps']} steps after "
             f"{pfc['warmup']} warm-up{rounds}. *ours*: PartialFC + the sampled-row optimizer; *reference*: the sampled rows "
@@ -242,15 +264,18 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
         lines += [
             "### (c) Inference",
             "",
+            *_measured(result["inference"], info, result),
             "Embedding batches of 112x112 images: PyTorch eval (fp32, and the default channels_last + autocast "
             "path) against onnxruntime on the exported model.onnx; the fastest batch of each path.",
             "",
             bench_inference.format_table(result["inference"]),
             "",
         ]
+        if bench_inference.format_protocol(result["inference"]):
+            lines += [bench_inference.format_protocol(result["inference"]), ""]
 
     if "data" in result:
-        lines += ["### (d) Data path", "", bench_data.format_table(result["data"]), ""]
+        lines += ["### (d) Data path", "", *_measured(result["data"], info, result), bench_data.format_table(result["data"]), ""]
     return lines
 
 

@@ -12,6 +12,7 @@ markdown and one PNG per device are rendered from whichever result files exist.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -105,12 +106,16 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
     for name in SUITES:
         if name not in only:
             continue
-        start = time.perf_counter()
+        start, other_load = time.perf_counter(), OtherLoad()
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         try:
             results[name] = parts[name]()
         except Exception as exc:  # keep going: the other parts are still worth having
             traceback.print_exc()
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        # Parts may be re-run on their own (--only): each carries when and how it was measured.
+        results[name]["measured"] = {"date": date, "seconds": round(time.perf_counter() - start),
+                                     "other_processes_cores": other_load.cores()}
         log(f"[{name}] {time.perf_counter() - start:.0f} s")
         save(results)
     return results
