@@ -86,6 +86,7 @@ def test_weights_of_another_network_are_refused_by_name(models):
     assert str(pt) in message and "'r18'" in message and "missing" in message
 
 
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")  # chosen: no onnxscript
 def test_onnx_with_the_wrong_input_is_refused(tmp_path):
     path = tmp_path / "wide.onnx"
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten()).eval()
@@ -94,6 +95,7 @@ def test_onnx_with_the_wrong_input_is_refused(tmp_path):
         load_embedder(str(path))
 
 
+@pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")  # chosen: no onnxscript
 def test_fixed_batch_onnx_is_run_in_padded_chunks(tmp_path):
     path = tmp_path / "fixed.onnx"
     net = torch.nn.Sequential(torch.nn.AvgPool2d(28), torch.nn.Flatten()).eval()
