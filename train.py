@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from utils.config import ConfigError, Config, format_config, load_config, save_config
-from utils.distributed import DeviceError, DistContext, cleanup_distributed, init_distributed, wrap_ddp
+from utils.distributed import DeviceError, DistContext, any_rank, cleanup_distributed, init_distributed, wrap_ddp
 
 # Errors caused by the user's input (config, data, checkpoints): one line, exit code 2.
 EXIT_USER_ERROR = 2
@@ -326,7 +326,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
     last_eval_step = -1
 
     def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
-        if _any_rank(nonfinite.check(global_step), ctx):
+        if any_rank(nonfinite.check(global_step), ctx):
             if ctx.is_main:
                 logger.warning("step %d was skipped (non-finite loss or gradient): no checkpoint written, the previous one is kept", global_step)
             return
@@ -680,15 +680,6 @@ class _NonFiniteGuard:
                 f"lower lr, check the data, or use precision='fp32'"
             )
         return bool(self.run.item())
-
-
-def _any_rank(flag: bool, ctx: DistContext) -> bool:
-    """True on every rank when `flag` is true on any rank (collective)."""
-    if not ctx.is_distributed:
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _log_progress(logger, writer, report, step, total, epoch, lr, scaler, nonfinite, format_duration) -> None:

@@ -12,8 +12,8 @@ import atexit
 import multiprocessing
 import os
 import random
-import weakref
 import signal
+import weakref
 from functools import partial
 from typing import Iterator
 

@@ -651,12 +651,13 @@ def materialize(
 
 
 def _unknown_key_message(key: str) -> str:
-    import difflib
     import inspect
 
+    from utils.config import closest_key
+
     known = [name for name in inspect.signature(materialize).parameters if name not in ("root", "unknown")]
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
+    close = closest_key(key, known)
+    hint = f"did you mean {close!r}? " if close else ""
     return f"synthetic_faces: unknown key {key!r}; {hint}known keys: {', '.join(known)}"
 
 

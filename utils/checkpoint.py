@@ -37,9 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from utils.distributed import DistContext
+from utils.distributed import DistContext, any_rank
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -194,14 +193,6 @@ def has_checkpoints(output: str | os.PathLike) -> bool:
 
 # --- saving -------------------------------------------------------------------------
 
-def _all_ok(ok: bool, ctx: DistContext) -> bool:
-    if not ctx.is_distributed:
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32, device=ctx.device)
-    dist.all_reduce(flag)
-    return int(flag.item()) == 0
-
-
 def _manifest(step: int, state: dict, world_size: int) -> str:
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -243,7 +234,7 @@ def save_set(
         error = f"rank {ctx.rank} could not write {set_dir / rank_filename(ctx.rank)}: {exc.strerror or exc}"
         if logger is not None:
             logger.error(error)
-    if not _all_ok(error is None, ctx):
+    if any_rank(error is not None, ctx):
         if ctx.is_main:
             shutil.rmtree(set_dir, ignore_errors=True)
         ctx.barrier()
@@ -255,7 +246,7 @@ def save_set(
             error = None
         except OSError as exc:
             error = f"could not write {set_dir / MANIFEST}: {exc.strerror or exc}"
-    if not _all_ok(error is None, ctx):
+    if any_rank(error is not None, ctx):
         if ctx.is_main:
             shutil.rmtree(set_dir, ignore_errors=True)
         ctx.barrier()
@@ -375,7 +366,7 @@ def load_newest(output: str | os.PathLike, ctx: DistContext, logger=None, map_lo
             state = loader(cset, ctx, map_location)
         except CheckpointError as exc:
             error = str(exc)
-        if _all_ok(error is None, ctx):
+        if not any_rank(error is not None, ctx):
             return state, cset
         if logger is not None and ctx.is_main:
             logger.warning(f"cannot resume from {cset.path}: {error or 'another rank could not read its file'}; trying an older checkpoint")

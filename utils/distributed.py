@@ -140,6 +140,15 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, *, bucket_cap_mb: int = 1
     return wrapped
 
 
+def any_rank(flag: bool, ctx: DistContext) -> bool:
+    """True on every rank when `flag` is true on any rank (collective; the flag itself without a group)."""
+    if not ctx.is_distributed:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def all_reduce_mean(value: float, ctx: DistContext) -> float:
     """Average a Python number over all ranks (used for logging only)."""
     if not ctx.is_distributed:
