@@ -138,11 +138,11 @@ def train(cfg: Config, ctx: DistContext) -> int:
     from losses import CombinedMarginLoss, PartialFC
     from utils import checkpoint as ckpt
     from utils.amp import resolve_precision
-    from utils.eval_callback import VerificationCallback
+    from eval.eval_callback import VerificationCallback
     from utils.log import SpeedMeter, add_file_handler, format_duration, setup_logging
     from utils.lr_scheduler import PolyScheduler, plan_steps
-    from utils.onnx_export import export_onnx
-    from utils.optim import build_optimizer
+    from eval.onnx_export import export_onnx
+    from losses.optim import build_optimizer
 
     device = ctx.device
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -520,15 +520,15 @@ def _seed_everything(seed: int) -> None:
 def _resume_loader():
     """How each rank reads its part of a checkpoint set (re-sharding when the world size changed)."""
     try:
-        from utils.reshard import load_for_rank
+        from losses.reshard import load_for_rank
     except ImportError:
         return None
     return load_for_rank
 
 
 def _continue_position(state, cfg, ctx, epoch, batch, global_batch, steps_per_epoch, notes) -> tuple[int, int]:
-    """The saved (epoch, batch), mapped onto this run's global batch when that changed (utils.reshard)."""
-    from utils.reshard import translate_position
+    """The saved (epoch, batch), mapped onto this run's global batch when that changed (losses.reshard)."""
+    from losses.reshard import translate_position
 
     run = state.get("run") or {}
     saved_world = int(state.get("resharded_from_world_size", ctx.world_size))

@@ -3,7 +3,7 @@
   torch fp32      model.eval() under torch.inference_mode, NCHW, float32.
   torch default   the evaluation path of training: channels_last and autocast in the
                   device's default precision (bf16 on CPUs with bf16 units, fp16 on CUDA).
-  onnxruntime     the model exported by utils.onnx_export (what train.py writes as
+  onnxruntime     the model exported by eval.onnx_export (what train.py writes as
                   model.onnx), run by onnxruntime (CUDA provider when installed and
                   --device cuda, else the CPU provider).
 
@@ -69,7 +69,7 @@ def run_model(name: str, *, batch: int, batches: int, warmup: int, device, log=p
     import torch
 
     from backbones import get_model
-    from utils.onnx_export import export_onnx
+    from eval.onnx_export import export_onnx
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -130,11 +130,11 @@ def run_model(name: str, *, batch: int, batches: int, warmup: int, device, log=p
 
 
 def time_protocol(pairs: int = 6000, dim: int = 512, repeats: int = 3) -> dict:
-    """Seconds of utils.verification.evaluate (10 folds, thresholds for accuracy and VAL@FAR)
+    """Seconds of eval.verification.evaluate (10 folds, thresholds for accuracy and VAL@FAR)
     on `pairs` pairs of seeded embeddings: an LFW-sized set (6,000 pairs, 12,000 images)."""
     import numpy as np
 
-    from utils.verification import evaluate
+    from eval.verification import evaluate
 
     rng = np.random.default_rng(0)
     embeddings = rng.standard_normal((2 * pairs, dim)).astype(np.float32)

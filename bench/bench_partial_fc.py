@@ -5,7 +5,7 @@ standing in for the backbone's output) against the class centres, backward, and 
 optimizer step (SGD, momentum 0.9, weight decay 5e-4) -- what the head costs in a
 training step.
 
-  ours       losses.PartialFC + utils.optim (the training default): only the sampled rows
+  ours       losses.PartialFC + losses.optim (the training default): only the sampled rows
              are gathered, get a gradient and are updated.
   reference  the dense way (insightface's partial_fc_v2 on one process): the sampled rows
              are gathered from a full Parameter with `weight[index]`, so the gradient is a
@@ -65,7 +65,7 @@ def _build(impl: str, num_classes: int, sample_rate: float, low_precision, devic
     import torch.nn.functional as F
 
     from losses import CombinedMarginLoss, PartialFC
-    from utils.optim import build_optimizer
+    from losses.optim import build_optimizer
 
     margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
     if impl == "ours":
@@ -290,7 +290,7 @@ def plot(result: dict, path_png: str, title_suffix: str = "") -> None:
     import numpy as np
 
     from utils.atomic_file import atomic_write
-    from utils.plot import line_plot
+    from eval.plot import line_plot
 
     batch = max(result["batch_sizes"])
     speed, memory = {}, {}

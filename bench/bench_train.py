@@ -62,7 +62,7 @@ class _Path:
 
         from losses import CombinedMarginLoss, PartialFC
         from utils.distributed import wrap_ddp
-        from utils.optim import build_optimizer
+        from losses.optim import build_optimizer
 
         self.kind, self.device, self.ctx = kind, device, ctx
         self.losses: list = []

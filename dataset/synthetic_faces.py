@@ -627,7 +627,7 @@ def materialize(
     logger.info("synthetic faces: drawing %d identities x %d images and %d verification pairs of %d held-out "
                 "identities into %s", num_identities, images_per_identity, num_val_pairs, num_val_identities, out)
     from dataset.recordio import write_identity_records
-    from utils.verification import write_bin
+    from dataset.verification_bin import write_bin
 
     workers = max(1, min(os.cpu_count() or 1, 8) if workers is None else workers)
     pool = _pool(workers)

@@ -11,7 +11,7 @@ one rank.
 With sample_rate < 1 each rank keeps every class that occurs in the global batch
 plus random negatives, up to sample_rate * num_local centres (Partial FC, An et
 al.). Only those rows are gathered, they receive a *sparse* row gradient, and the
-optimizer (utils.optim) updates only them -- no dense gradient or optimizer work
+optimizer (losses.optim) updates only them -- no dense gradient or optimizer work
 over the whole shard.
 
 With sample_rate = 1 a step never waits for the device (no data-dependent shapes);
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from losses.margin import CombinedMarginLoss
-from utils.row_chunks import row_slices
+from losses.row_chunks import row_slices
 
 # F.normalize's eps: a centre of norm below it is divided by eps instead.
 _NORM_EPS = 1e-12

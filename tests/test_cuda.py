@@ -54,7 +54,7 @@ def _calibrated(model):
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
 def test_partial_fc_and_sampled_sgd_step_on_cuda_match_cpu(sample_rate):
     from losses import CombinedMarginLoss, PartialFC
-    from utils.optim import build_optimizer
+    from losses.optim import build_optimizer
 
     results = []
     for device in ("cpu", "cuda"):
@@ -149,7 +149,8 @@ def test_train_fp16_with_grad_scaler_on_cuda(tmp_path, launcher):
 
 def test_verification_embedding_on_cuda_matches_cpu():
     from backbones import get_model
-    from utils.verification import embed_verification_set, load_bin
+    from eval.verification import embed_verification_set
+    from dataset.verification_bin import load_bin
 
     data, issame = load_bin(str(SHARED_TESTDATA / "lfw_style.bin"))
     torch.manual_seed(0)
@@ -166,7 +167,8 @@ def test_float16_evaluation_of_an_untrained_iresnet_stays_finite():
     """Before the first step BatchNorm statistics are untrained and float16 overflows; the
     evaluation falls back to float32 for such batches instead of reporting NaN."""
     from backbones import get_model
-    from utils.verification import embed_verification_set, load_bin
+    from eval.verification import embed_verification_set
+    from dataset.verification_bin import load_bin
 
     data, _ = load_bin(str(SHARED_TESTDATA / "lfw_style.bin"))
     torch.manual_seed(0)
@@ -180,7 +182,7 @@ def test_float16_evaluation_of_an_untrained_iresnet_stays_finite():
 def test_a_skipped_first_fused_sgd_step_leaves_no_garbage_momentum():
     """GradScaler's first steps overflow and are skipped on the device; torch's fused SGD
     would keep an uninitialised momentum buffer from such a step (NaN weights later)."""
-    from utils.optim import build_optimizer
+    from losses.optim import build_optimizer
 
     torch.manual_seed(0)
     model = torch.nn.Linear(16, 4).to(CUDA)

@@ -10,8 +10,9 @@ import torch
 
 from conftest import SHARED_TESTDATA
 from helpers import run_distributed
-from utils.eval_callback import VerificationCallback
-from utils.verification import embed_verification_set, evaluate, load_bin
+from eval.eval_callback import VerificationCallback
+from eval.verification import embed_verification_set, evaluate
+from dataset.verification_bin import load_bin
 
 LOGGER = "test_eval_callback"
 

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from utils.face_align import ARCFACE_TEMPLATE, estimate_norm, norm_crop, similarity_transform, template_for
+from eval.face_align import ARCFACE_TEMPLATE, estimate_norm, norm_crop, similarity_transform, template_for
 
 
 def _similarity(scale, degrees, tx, ty):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from helpers import PYTHON, REPO_ROOT, run_script
-from utils.face_align import ARCFACE_TEMPLATE
-from utils.onnx_export import export_onnx
+from eval.face_align import ARCFACE_TEMPLATE
+from eval.onnx_export import export_onnx
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import eval_ijb  # noqa: E402

@@ -11,10 +11,10 @@ import torch
 from backbones import get_model
 from conftest import SHARED_TESTDATA
 from helpers import PYTHON, REPO_ROOT, run_script
-from utils.embedder import EmbedderError, load_embedder
-from utils.face_align import ARCFACE_TEMPLATE
-from utils.onnx_export import export_onnx
-from utils.verification import load_bin, write_bin
+from eval.embedder import EmbedderError, load_embedder
+from eval.face_align import ARCFACE_TEMPLATE
+from eval.onnx_export import export_onnx
+from dataset.verification_bin import load_bin, write_bin
 
 TOOLS = REPO_ROOT / "tools"
 

@@ -14,7 +14,7 @@ import torch
 model_zoo = pytest.importorskip("insightface.model_zoo", reason="insightface's Python package is not installed")
 
 from backbones import get_model  # noqa: E402
-from utils.onnx_export import export_onnx  # noqa: E402
+from eval.onnx_export import export_onnx  # noqa: E402
 
 
 def _model_with_realistic_outputs():

@@ -7,7 +7,7 @@ import torch
 
 from backbones import get_model
 from losses import CombinedMarginLoss, PartialFC
-from utils.optim import build_optimizer
+from losses.optim import build_optimizer
 
 NUM_CLASSES, EMB, BATCH, STEPS = 40, 64, 4, 3
 LR = 0.02  # small enough that the trajectories of two precisions stay comparable

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from losses import CombinedMarginLoss, PartialFC
-from utils.optim import SampledRowAdamW, SampledRowSGD, build_optimizer
+from losses.optim import SampledRowAdamW, SampledRowSGD, build_optimizer
 
 
 def _sparse_rows(rows, values, shape):
@@ -168,9 +168,9 @@ def test_found_inf_voids_the_whole_step(cls, fused):
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     """Row updates in pieces of two rows, so that the piece boundaries are exercised."""
-    import utils.row_chunks
+    import losses.row_chunks
 
-    monkeypatch.setattr(utils.row_chunks, "CPU_CHUNK_BYTES", 2 * 3 * 8)
+    monkeypatch.setattr(losses.row_chunks, "CPU_CHUNK_BYTES", 2 * 3 * 8)
 
 
 @pytest.mark.parametrize("momentum", [0.9, 0.0])
@@ -190,11 +190,11 @@ def test_row_updates_in_pieces_match_the_formula(tiny_chunks, momentum):
 
 
 def test_adamw_in_pieces_matches_adamw_in_one_piece(monkeypatch):
-    import utils.row_chunks
+    import losses.row_chunks
 
     results = []
-    for chunk_bytes in (utils.row_chunks.CPU_CHUNK_BYTES, 2 * 3 * 8):
-        monkeypatch.setattr(utils.row_chunks, "CPU_CHUNK_BYTES", chunk_bytes)
+    for chunk_bytes in (losses.row_chunks.CPU_CHUNK_BYTES, 2 * 3 * 8):
+        monkeypatch.setattr(losses.row_chunks, "CPU_CHUNK_BYTES", chunk_bytes)
         p = torch.nn.Parameter(torch.arange(30, dtype=torch.float64).view(10, 3) / 30)
         opt = SampledRowAdamW([p], lr=1e-2, weight_decay=0.1)
         for i, rows in enumerate(STEPS):
@@ -285,7 +285,7 @@ def test_sgd_gives_a_zero_momentum_buffer_before_a_step_the_device_may_skip():
     """torch's fused SGD starts momentum from an uninitialised buffer that a device-side
     skip (found_inf) leaves as garbage; ours is zero before such a step (tests/test_cuda.py
     runs the skipped step itself)."""
-    from utils.optim import build_optimizer
+    from losses.optim import build_optimizer
 
     p = torch.nn.Parameter(torch.ones(3, 2))
     optimizer = build_optimizer("sgd", [p], [], lr=0.1, weight_decay=0.0, device_type="cpu")

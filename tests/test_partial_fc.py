@@ -95,9 +95,9 @@ def _check_against_reference(results, world_size, local_batch, num_classes, samp
 @pytest.mark.parametrize("pieces", ["one", "several"])
 def test_single_process_matches_full_softmax(sample_rate, pieces, monkeypatch):
     if pieces == "several":  # the gradient's row projection done two rows at a time
-        import utils.row_chunks
+        import losses.row_chunks
 
-        monkeypatch.setattr(utils.row_chunks, "CPU_CHUNK_BYTES", 2 * EMB * 8)
+        monkeypatch.setattr(losses.row_chunks, "CPU_CHUNK_BYTES", 2 * EMB * 8)
     results = [_run_pfc_single(4, 13, sample_rate)]
     _check_against_reference(results, 1, 4, 13, sample_rate, seed=3)
 

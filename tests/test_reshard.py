@@ -9,8 +9,8 @@ from losses import CombinedMarginLoss, PartialFC
 from losses.partial_fc import shard_range
 from utils import checkpoint as ckpt
 from utils.distributed import DistContext
-from utils.optim import build_optimizer
-from utils.reshard import load_for_rank, merge, reshard, split, translate_position
+from losses.optim import build_optimizer
+from losses.reshard import load_for_rank, merge, reshard, split, translate_position
 
 NUM_CLASSES, DIM = 11, 4
 

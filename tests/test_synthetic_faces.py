@@ -15,7 +15,8 @@ import torch
 from dataset import DataError, MXFaceDataset, inspect_dataset
 from dataset import synthetic_faces as sf
 from helpers import PYTHON, REPO_ROOT, run_script
-from utils.verification import evaluate, load_bin
+from eval.verification import evaluate
+from dataset.verification_bin import load_bin
 
 TINY = dict(num_identities=6, images_per_identity=3, num_val_identities=4, num_val_pairs=20, seed=3)
 FILES = ("train.rec", "train.idx", "property", "synthetic_val.bin")
@@ -121,7 +122,7 @@ def test_an_interrupted_generation_is_not_taken_for_complete(tmp_path, monkeypat
     def broken_write_bin(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C after the training records
 
-    monkeypatch.setattr("utils.verification.write_bin", broken_write_bin)
+    monkeypatch.setattr("dataset.verification_bin.write_bin", broken_write_bin)
     with pytest.raises(KeyboardInterrupt):
         sf.materialize(folder, **TINY, workers=1)
     assert (folder / "train.rec").exists() and sf.read_params(folder) is None

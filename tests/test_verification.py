@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from conftest import SHARED_TESTDATA
-from utils.verification import (
-    VerificationSetError,
-    _interpolate_threshold,
-    embed_verification_set,
-    evaluate,
-    load_bin,
-    write_bin,
-)
+from dataset.verification_bin import VerificationSetError, load_bin, write_bin
+from eval.verification import _interpolate_threshold, embed_verification_set, evaluate
 
 LFW_BIN = SHARED_TESTDATA / "lfw_style.bin"
 LFW_MANIFEST = SHARED_TESTDATA / "lfw_style_manifest.json"

@@ -21,8 +21,8 @@ class UserError(Exception):
 
 def run_main(main: Callable[[], int | None]) -> None:
     """Run `main`, turning the project's input errors into `error: ...` on stderr and exit code 1."""
-    from utils.embedder import EmbedderError
-    from utils.verification import VerificationSetError
+    from eval.embedder import EmbedderError
+    from dataset.verification_bin import VerificationSetError
 
     try:
         code = main()

@@ -114,7 +114,7 @@ def face_rows(face_names: Sequence[str], member_names: Sequence[str], face_list:
 
 
 def _load_aligned(path: str, landmarks: np.ndarray) -> np.ndarray:
-    from utils.face_align import norm_crop
+    from eval.face_align import norm_crop
 
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
@@ -271,8 +271,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from utils.atomic_file import atomic_write
-    from utils.embedder import load_embedder
-    from utils.plot import line_plot
+    from eval.embedder import load_embedder
+    from eval.plot import line_plot
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")

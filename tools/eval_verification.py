@@ -18,8 +18,9 @@ from _cli import Progress, UserError, run_main  # first: puts the repository on 
 import numpy as np
 import torch
 
-from utils.embedder import load_embedder
-from utils.verification import embed_verification_set, evaluate, load_bin
+from eval.embedder import load_embedder
+from eval.verification import embed_verification_set, evaluate
+from dataset.verification_bin import load_bin
 
 
 def evaluate_bins(model_path: str, bins: list[str], network: str | None, batch_size: int, device: str) -> list[dict]:

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from backbones import available_models, get_model
-    from utils.onnx_export import compare_with_onnxruntime, export_onnx
+    from eval.onnx_export import compare_with_onnxruntime, export_onnx
 
     weights = Path(args.weights)
     output = Path(args.output) if args.output else weights.with_suffix(".onnx")

@@ -19,8 +19,8 @@ from _cli import UserError, run_main  # first: puts the repository on sys.path
 import cv2
 import numpy as np
 
-from utils.embedder import INPUT_SIZE, load_embedder
-from utils.face_align import norm_crop
+from eval.embedder import INPUT_SIZE, load_embedder
+from eval.face_align import norm_crop
 
 
 def read_face(path: str, landmarks: np.ndarray | None) -> np.ndarray:

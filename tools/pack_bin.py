@@ -6,7 +6,7 @@
 PAIRS_TXT: one pair per line, `relpath1 relpath2 1|0` (1 = same person), paths
 relative to IMAGE_FOLDER; blank lines and lines starting with '#' are skipped.
 JPEG files are stored byte for byte; other formats are decoded and stored as PNG
-(lossless). The result loads with utils.verification.load_bin and insightface.
+(lossless). The result loads with dataset.verification_bin.load_bin and insightface.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from _cli import Progress, UserError, run_main  # first: puts the repository on 
 import cv2
 import numpy as np
 
-from utils.verification import write_bin
+from dataset.verification_bin import write_bin
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 

@@ -39,7 +39,7 @@ def _source_set(path: Path):
 
 def merge_command(source: Path, output: Path) -> str:
     from utils import checkpoint as ckpt
-    from utils.reshard import merge, saved_world_size
+    from losses.reshard import merge, saved_world_size
 
     if not source.exists():
         raise UserError(f"checkpoint not found: {source}")
@@ -57,7 +57,7 @@ def merge_command(source: Path, output: Path) -> str:
 
 def split_command(merged_path: Path, output: Path, world_size: int) -> str:
     from utils import checkpoint as ckpt
-    from utils.reshard import split
+    from losses.reshard import split
 
     if world_size < 1:
         raise UserError(f"--world-size must be at least 1, got {world_size}")

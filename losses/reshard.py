@@ -3,7 +3,7 @@
 A set saved by W ranks holds, per rank, the class centres of one contiguous
 class range (`losses.partial_fc.shard_range`) and the optimizer state of those
 rows (SGD `momentum_buffer`; AdamW `exp_avg`, `exp_avg_sq` and, with sampling,
-the per-row `row_step` of `utils.optim.SampledRowAdamW`). A rank of a run with
+the per-row `row_step` of `losses.optim.SampledRowAdamW`). A rank of a run with
 W' ranks takes the rows of its own new class range from whichever old files
 hold them; everything that is the same on every rank (backbone, its optimizer
 state, scheduler, scaler, position) comes from old rank 0. The random-number

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from utils.row_chunks import row_slices
+from losses.row_chunks import row_slices
 
 
 def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

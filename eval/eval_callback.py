@@ -13,8 +13,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dataset.verification_bin import load_bin
+from eval.verification import embed_verification_set, evaluate
 from utils.distributed import DistContext
-from utils.verification import embed_verification_set, evaluate, load_bin
 
 DEFAULT_LOGGER = "arcface.verification"
 
