@@ -205,7 +205,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
         cfg.margin_scale, *cfg.margin_list, interclass_filtering_threshold=cfg.interclass_filtering_threshold
     )
     partial_fc = PartialFC(
-        margin, cfg.embedding_size, num_classes, cfg.sample_rate, fp16=precision.low_precision,
+        margin, cfg.embedding_size, num_classes, cfg.sample_rate, matmul_dtype=precision.autocast_dtype,
         rank=ctx.rank, world_size=ctx.world_size,
         # On CUDA the per-step label check would stall the host; the data set checks labels there.
         check_labels=device.type != "cuda",

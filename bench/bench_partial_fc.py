@@ -69,7 +69,7 @@ def _build(impl: str, num_classes: int, sample_rate: float, low_precision, devic
 
     margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
     if impl == "ours":
-        head = PartialFC(margin, EMBEDDING, num_classes, sample_rate, fp16=low_precision is not None,
+        head = PartialFC(margin, EMBEDDING, num_classes, sample_rate, matmul_dtype=low_precision,
                          check_labels=False).to(device)
         optimizer = build_optimizer("sgd", [], head.parameters(), lr=0.1, weight_decay=5e-4, device_type=device.type)
         no_inf = torch.zeros((), device=device)

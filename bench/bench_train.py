@@ -75,7 +75,8 @@ class _Path:
         if self.channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(
-            CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 512, NUM_CLASSES, 1.0, fp16=low,
+            CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 512, NUM_CLASSES, 1.0,
+            matmul_dtype=self.precision.autocast_dtype if low else None,
             rank=ctx.rank, world_size=ctx.world_size, check_labels=not (fast and device.type == "cuda"),
         ).to(device)
         with torch.no_grad():

@@ -222,8 +222,8 @@ class PartialFC(nn.Module):
         embedding_size: int,
         num_classes: int,
         sample_rate: float = 1.0,
-        fp16: bool = False,
         *,
+        matmul_dtype: torch.dtype | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         check_labels: bool = True,
@@ -241,7 +241,9 @@ class PartialFC(nn.Module):
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.sample_rate = float(sample_rate)
-        self.fp16 = fp16
+        # The precision of the cosine matmul: the run's autocast dtype (utils.amp decides it),
+        # None for the centres' own float32. The margin and the softmax always run in float32.
+        self.matmul_dtype = matmul_dtype
         self.rank, self.world_size = rank, world_size
         self.check_labels = check_labels
         self.class_start, self.num_local = shard_range(num_classes, rank, world_size)
@@ -308,10 +310,7 @@ class PartialFC(nn.Module):
             index, local_targets = self.sample(local_targets)
             self.last_num_sampled = int(index.numel())
 
-        device_type = local_embeddings.device.type
-        low_precision = (torch.float16 if device_type == "cuda" else torch.bfloat16) if self.fp16 else None
-        # The margin and the softmax always run on full-precision logits.
-        logits = _CosineLogits.apply(F.normalize(embeddings), self.weight, index, low_precision)
+        logits = _CosineLogits.apply(F.normalize(embeddings), self.weight, index, self.matmul_dtype)
         logits = self.margin_loss(logits, local_targets)
         loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
         return loss

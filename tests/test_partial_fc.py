@@ -146,7 +146,7 @@ def test_low_precision_matmul_stays_close_to_fp32():
     emb = torch.randn(16, 32)
     labels = torch.randint(0, 50, (16,))
     full = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 32, 50)
-    half = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 32, 50, fp16=True)
+    half = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 32, 50, matmul_dtype=torch.bfloat16)
     half.weight.data.copy_(full.weight.data)
     with torch.no_grad():
         a, b = full(emb, labels), half(emb, labels)
