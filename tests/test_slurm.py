@@ -138,6 +138,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, seconds: float = 30
     raise AssertionError(f"{text!r} did not appear in {path} within {seconds} s")
 
 
+@pytest.mark.slow  # three two-node launches: about 3 minutes on 2 loaded cores
 def test_time_limit_signal_checkpoints_requeues_and_the_requeued_job_continues(tmp_path):
     out = tmp_path / "run"
     args = ["bash", SBATCH, *TINY_RUN, "--num_image=320", "--max_steps=30", f"--output={out}"]
