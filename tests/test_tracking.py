@@ -391,11 +391,12 @@ print("training went on", flush=True)
 """
 
 
-@pytest.mark.parametrize("key, reason", [
-    (FAKE_KEY, "127.0.0.1:{port}"),  # the server is unreachable: the warning names it
-    ("X" * 40, "No API key configured"),  # the placeholder, and no key anywhere else
-], ids=["unreachable_server", "no_api_key"])
-def test_failing_login_is_a_warning_and_tensorboard_keeps_everything(tmp_path, key, reason):
+@pytest.mark.parametrize("key, env_key, reason", [
+    (FAKE_KEY, None, "127.0.0.1:{port}"),  # the server is unreachable: the warning names it
+    ("X" * 40, FAKE_KEY, "127.0.0.1:{port}"),  # the placeholder: WANDB_API_KEY is used (and tried)
+    ("X" * 40, None, "No API key configured"),  # the placeholder, and no key anywhere else
+], ids=["unreachable_server", "key_from_environment", "no_api_key"])
+def test_failing_login_is_a_warning_and_tensorboard_keeps_everything(tmp_path, key, env_key, reason):
     closed_port = free_port()  # nothing listens there
     env = {
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(TESTS_DIR)]),
@@ -404,6 +405,8 @@ def test_failing_login_is_a_warning_and_tensorboard_keeps_everything(tmp_path, k
         "WANDB_INIT_TIMEOUT": "3",
         "HOME": str(tmp_path / "home"),  # no key stored by `wandb login`
     }
+    if env_key:
+        env["WANDB_API_KEY"] = env_key
     out = tmp_path / "run"
     proc = run_script([PYTHON, "-c", _FAILING_LOGIN, out, key], env=env, check=False, timeout=240)
     assert proc.returncode == 0 and "training went on" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -29,6 +29,9 @@ TensorBoard rows get their own `_step` after the explicit ones, and the `step=` 
 (only rank 0 writes TensorBoard) and only reads the event files when the run finishes.
 Logging both sinks from the same dict gives the same scalars in each, once.
 
+Offline (WANDB_MODE=offline) nothing leaves the machine; the run, its media and staged
+artifacts are files under <output>/wandb for `wandb sync` to upload later.
+
 Tracking never stops training: a missing wandb package is refused by `check()` before
 anything is written, but a failing login, an unreachable server or an error while
 logging is a warning, after which wandb is dropped and TensorBoard keeps everything.
@@ -306,10 +309,7 @@ def _start_wandb_run(cfg: Mapping[str, Any], ctx: DistContext, output_dir: str, 
     previous = _read_run_id(id_file, logger) if cfg.get("wandb_resume") else None
     name = previous["run_name"] if previous else run_name(cfg, ctx.rank)
     run_id = previous["run_id"] if previous else None  # None: wandb draws a new id
-    # Artifacts are staged (copied) under WANDB_DATA_DIR until uploaded; by default that is
-    # ~/.local/share/wandb. Keep them in the output folder, so that an offline run synced
-    # from another machine has its model files, and a home quota is not filled by models.
-    os.environ.setdefault("WANDB_DATA_DIR", os.path.join(output_dir, "wandb"))
+    _stage_artifacts_in(os.path.join(output_dir, "wandb"))
     key = api_key(cfg)
     try:
         run = wandb.init(
@@ -338,6 +338,20 @@ def _start_wandb_run(cfg: Mapping[str, Any], ctx: DistContext, output_dir: str, 
     else:
         logger.info("wandb run %s%s (id %s): %s", name, resumed, run.id, run.url)
     return run, name
+
+
+_staging_dir_set_here: str | None = None
+
+
+def _stage_artifacts_in(folder: str) -> None:
+    """wandb copies an artifact's files into WANDB_DATA_DIR (default ~/.local/share/wandb) until
+    they are uploaded. Unless the user chose that folder, use the run's own: an offline run
+    synced from another machine then has its model files, and models do not fill a home quota.
+    The only environment variable the tracker sets."""
+    global _staging_dir_set_here
+    current = os.environ.get("WANDB_DATA_DIR")
+    if current is None or current == _staging_dir_set_here:
+        os.environ["WANDB_DATA_DIR"] = _staging_dir_set_here = folder
 
 
 def _read_run_id(path: str, logger: logging.Logger) -> dict | None:
