@@ -94,7 +94,9 @@ def _slurm_env(tmp_path, *, scontrol=False, restart_count=0) -> dict:
     ("127.0.0.[1-2]", "127.0.0.1"),
 ])
 def test_first_host_of_a_slurm_node_list(nodelist, first):
-    proc = run_script(["bash", "-c", f'source "{NODE_LAUNCH}"; first_host "$1"', "_", nodelist], env={"PATH": "/usr/bin:/bin"})
+    # PATH without scontrol: the script's own expansion
+    command = ["bash", "-c", f'source "{NODE_LAUNCH}"; first_host "$1"', "_", nodelist]
+    proc = run_script(command, env={"PATH": "/usr/bin:/bin"})
     assert proc.stdout.strip() == first
 
 

@@ -272,7 +272,9 @@ class Tracker:
             try:
                 run.finish(exit_code=exit_code)
             except Exception as exc:  # tracking never fails the run
-                self.logger.warning("wandb could not finish the run (%s); `wandb sync` can upload what is on disk", _one_line(exc))
+                self.logger.warning(
+                    "wandb could not finish the run (%s); `wandb sync` can upload what is on disk", _one_line(exc)
+                )
 
     def __enter__(self) -> "Tracker":
         return self
