@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +30,7 @@ FREQUENT = 2
 
 def _env(home: Path) -> dict:
     """wandb offline, with a private HOME: no ~/.netrc, settings or caches of the user apply."""
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(home)}
-    return env
+    return {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HOME": str(home)}
 
 
 @pytest.fixture(autouse=True)
