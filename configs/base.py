@@ -35,16 +35,18 @@ config.gradient_acc = 1  # batches per optimizer step
 config.seed = 2048
 config.num_workers = 2
 
-# Accepted so that insightface config modules load unchanged; wandb is not a
-# dependency of this project (TensorBoard logs go to <output>/tensorboard).
-config.wandb_key = "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"
-config.suffix_run_name = None
+# Weights & Biases (insightface's keys, plus notes). TensorBoard logs always go to
+# <output>/tensorboard; wandb's files to <output>/wandb. WANDB_MODE=offline works without
+# network (upload later with `wandb sync`). Tracking problems never stop training.
 config.using_wandb = False
-config.wandb_entity = "entity"
+config.wandb_key = "XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"  # placeholder: use WANDB_API_KEY / `wandb login`
+config.wandb_entity = None  # team or user; None: the API key's default entity
 config.wandb_project = "project"
-config.wandb_log_all = True
-config.save_artifacts = False
-config.wandb_resume = False
+config.suffix_run_name = None  # run name: %y%m%d_%H%M_GPU{rank}[_{suffix_run_name}]
+config.notes = None  # the run's description in wandb
+config.wandb_log_all = True  # a run per rank (each logs its own loss); False: rank 0 only
+config.save_artifacts = False  # upload model.pt after every epoch ({run}_E{epoch}) and at the end ({run}_Final)
+config.wandb_resume = False  # continue the wandb run recorded in <output>/wandb_run_id.json (resume, elastic restart)
 
 config.rec = "synthetic"  # a RecordIO folder, an image folder, or "synthetic" (random tensors)
 config.num_classes = None  # None: read from the data set
