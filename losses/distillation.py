@@ -220,7 +220,9 @@ class Distillation(nn.Module):
         with torch.autocast(device_type=student.device.type, enabled=False):
             student, teacher = _full_precision(student), _full_precision(teacher)
             if self.projection is not None:
-                student = self.projection(student.to(self.projection.weight.dtype))
+                weight = self.projection.weight
+                dtype = torch.promote_types(student.dtype, weight.dtype)
+                student = F.linear(student.to(dtype), weight.to(dtype))
             if self.loss == "relation":
                 return relation_loss(student, teacher, rank=self.rank, world_size=self.world_size)
             return DISTILL_LOSSES[self.loss](student, teacher.to(student.dtype))
