@@ -198,7 +198,7 @@ def test_teacher_weights_and_batchnorm_statistics_unchanged_after_training_steps
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
     after = teacher.state_dict()
