@@ -74,3 +74,11 @@ config.max_steps = None  # cap the number of optimizer steps (quick runs); None:
 config.device = None  # None: CUDA when available, else CPU
 config.dist_timeout_minutes = 30.0
 config.synthetic_faces = None  # dict of tools/make_synthetic_faces.py parameters: generate `rec` if missing
+
+# --- knowledge distillation (docs/distillation.md) -----------------------------
+# total loss = margin loss + distill_weight * distillation loss against a frozen teacher
+config.teacher = None  # the teacher's weights: our or insightface's model.pt / backbone.pth, or a checkpoint
+config.teacher_network = None  # the teacher's architecture, a get_model name (e.g. "r100"); needed with `teacher`
+config.teacher_embedding_size = None  # None: read from the teacher's weights
+config.distill_weight = 0.0  # 0: distillation off
+config.distill_loss = "cosine"  # cosine | mse | relation (relation: any student/teacher sizes, no projection)

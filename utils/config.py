@@ -59,6 +59,9 @@ _NONE_DEFAULT_TYPES: dict[str, tuple[type, ...]] = {
     "max_steps": (int,),
     "num_classes": (int,),
     "num_image": (int,),
+    "teacher": (str,),
+    "teacher_network": (str,),
+    "teacher_embedding_size": (int,),
 }
 
 # Values accepted besides the default's type.
