@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from losses.margin import GlobalBatch, Margin, bounded_sine, target_entries, write_targets_
+from losses.margin import GlobalBatch, Margin, bounded_sine, target_entries, unit_clamp, write_targets_
 from losses.row_chunks import row_slices
 
 _T_MOMENTUM = 0.01  # the reference's fixed EMA weight of t
@@ -40,9 +40,9 @@ class _EmphasiseHardNegatives(torch.autograd.Function):
         factor = torch.empty_like(logits)
         for part in row_slices(logits.shape[0], logits[0].numel() * logits.element_size(), logits.device):
             x = logits[part]
-            hard = x > threshold[part].unsqueeze(1)
-            torch.where(hard, x * 2 + t, 1.0, out=factor[part])
-            x.mul_(torch.where(hard, x + t, 1.0))
+            easy = x <= threshold[part].unsqueeze(1)
+            torch.mul(x, 2.0, out=factor[part]).add_(t).masked_fill_(easy, 1.0)
+            x.mul_((x + t).masked_fill_(easy, 1.0))
         ctx.mark_dirty(logits)
         ctx.save_for_backward(factor)
         return logits
@@ -77,7 +77,7 @@ class CurricularFaceMargin(Margin):
                 self.t.copy_(every_target.mean() * _T_MOMENTUM + (1 - _T_MOMENTUM) * self.t)
 
         rows, cols, valid, raw = target_entries(logits, targets)
-        cos = raw.clamp(-1.0, 1.0)
+        cos = unit_clamp(raw)
         target = torch.where(cos > self.threshold, self.cos_theta_plus_m(cos), cos - self.mm)
         with torch.no_grad():
             hard_above = self.cos_theta_plus_m(every_target)

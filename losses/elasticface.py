@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from losses.margin import GlobalBatch, Margin, bounded_acos, target_entries, write_targets_
+from losses.margin import GlobalBatch, Margin, bounded_acos, target_entries, unit_clamp, write_targets_
 
 
 class ElasticFaceMargin(Margin):
@@ -78,7 +78,7 @@ class ElasticFaceMargin(Margin):
         if self.angular:
             target = torch.cos(bounded_acos(raw) + margins)
         else:
-            target = raw.clamp(-1.0, 1.0) - margins
+            target = unit_clamp(raw) - margins
         logits = write_targets_(logits, rows, cols, valid, target, raw)
         return logits.mul_(self.s)
 

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from losses.margin import GlobalBatch, Margin, bounded_sine, target_entries, write_targets_
+from losses.margin import GlobalBatch, Margin, bounded_sine, target_entries, unit_clamp, write_targets_
 
 
 class MagFaceMargin(Margin):
@@ -56,7 +56,7 @@ class MagFaceMargin(Margin):
     def margin_(self, logits, targets, batch: GlobalBatch):
         margin = self.adaptive_margin(self.clamped_norms(batch)).to(logits.dtype)
         rows, cols, valid, raw = target_entries(logits, targets)
-        cos = raw.clamp(-1.0, 1.0)
+        cos = unit_clamp(raw)
         with_margin = cos * torch.cos(margin) - bounded_sine(cos) * torch.sin(margin)
         target = torch.where(cos > 0, with_margin, cos)
         logits = write_targets_(logits, rows, cols, valid, target, raw)

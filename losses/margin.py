@@ -29,7 +29,7 @@ sqrt(1 - cos^2)) is bounded near +-1, where the true one is infinite.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -69,6 +69,24 @@ class _BoundedSine(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         return -grad * x * torch.rsqrt((1.0 - x * x).clamp_min(_MIN_ONE_MINUS_SQUARE))
+
+
+class _UnitClamp(torch.autograd.Function):
+    """clamp(cos, -1, 1) with gradient 1 everywhere: a cosine outside [-1, 1] is rounding
+    (a float32 matmul of unit vectors returns 1 + 1e-7), not a reason to stop learning."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-1.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def unit_clamp(cos: torch.Tensor) -> torch.Tensor:
+    """cos clamped to [-1, 1], the gradient passed through unchanged."""
+    return _UnitClamp.apply(cos)
 
 
 def bounded_acos(cos: torch.Tensor) -> torch.Tensor:
@@ -156,10 +174,13 @@ class Margin(nn.Module):
         self.s = float(s)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, batch: GlobalBatch | None = None) -> torch.Tensor:
-        if batch is None:
-            if self.needs_norms:
-                raise ValueError(f"the {self.name} margin needs the embedding norms: pass a GlobalBatch")
-            batch = GlobalBatch.single_process(logits, targets) if self.needs_target_cosines else GlobalBatch()
+        batch = batch if batch is not None else GlobalBatch()
+        if self.needs_norms and batch.norms is None:
+            raise ValueError(f"the {self.name} margin needs the embedding norms: pass GlobalBatch(norms=...)")
+        if self.needs_target_cosines and batch.target_cosines is None:
+            if batch.world_size > 1:
+                raise ValueError(f"the {self.name} margin needs every row's target cosine of the global batch")
+            batch = replace(batch, target_cosines=GlobalBatch.local_target_cosines(logits, targets))
         return self.margin_(logits, targets, batch)
 
     def margin_(self, logits: torch.Tensor, targets: torch.Tensor, batch: GlobalBatch) -> torch.Tensor:
