@@ -303,3 +303,250 @@ def test_curricularface_t_hard_negatives_and_the_far_branch():
     assert -0.99 < threshold < 0.1
     assert float(out[1, 1]) == pytest.approx(0.1 * (t + 0.1), rel=1e-12)
     assert float(out[1, 2]) == -0.99
+
+
+def test_elasticface_draws_are_seeded_unclamped_and_restored_from_the_state():
+    margin = get_margin("elasticface_cos", s=1.0, m=0.35, std=2.0, seed=11).double()
+    cos = torch.full((64, 3), 0.25, dtype=torch.float64)
+    targets = torch.zeros(64, dtype=torch.long)
+    state = copy.deepcopy(margin.state_dict())
+    first = 0.25 - margin(cos.clone(), targets)[:, 0]
+    draws = ref.elastic_draws(torch.Generator().manual_seed(11), 64, 0.35, 2.0)
+    torch.testing.assert_close(first, draws)
+    assert (first < 0).any(), "a draw below zero stays below zero (not clamped)"
+    second = 0.25 - margin(cos.clone(), targets)[:, 0]
+    assert not torch.equal(first, second), "a fresh margin every step"
+    again = get_margin("elasticface_cos", s=1.0, m=0.35, std=2.0, seed=999).double()
+    again.load_state_dict(state)  # the checkpointed generator (and seed) win over the new seed
+    torch.testing.assert_close(0.25 - again(cos.clone(), targets)[:, 0], first)
+    margin.eval()
+    assert torch.all(margin(cos.clone(), targets)[:, 0] == 0.25 - 0.35), "eval mode: the mean margin"
+
+
+def test_elasticface_plus_hands_out_margins_as_the_reference_indexes_them():
+    # target cosines of rows 0, 1, 2: 0.1, 0.9, 0.5 -> rows by cosine, descending: 1, 2, 0
+    target_cosines = torch.tensor([0.1, 0.9, 0.5])
+    draws = torch.tensor([0.30, 0.10, 0.20])  # sorted: 0.10, 0.20, 0.30
+    from losses.elasticface import ElasticFaceMargin
+
+    handed = ElasticFaceMargin.plus_assignment(draws, target_cosines)
+    assert handed.tolist() == pytest.approx([0.20, 0.30, 0.10])  # row i gets sorted[order[i]]
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, keys", [
+    ("combined", ["weight"]),
+    ("adaface", ["weight", "margin_loss.batch_mean", "margin_loss.batch_std"]),
+    ("curricularface", ["weight", "margin_loss.t"]),
+    ("elasticface_arc", ["weight", "margin_loss._extra_state"]),
+])
+def test_margin_state_round_trips_through_the_head_state_dict(key, keys, tmp_path):
+    head = _head(key, 2, 1.0, 0, 1)
+    _steps(head, 1, 0, 0, 2, 2)
+    path = tmp_path / "head.pt"
+    torch.save(head.state_dict(), path)
+    saved = torch.load(path, weights_only=True)
+    assert sorted(saved) == sorted(keys)
+    expected = _steps(head, 1, 0, 2, 2, 2)  # the uninterrupted run
+    fresh = _head(key, 2, 1.0, 0, 1)
+    fresh.load_state_dict(saved)
+    for a, b in zip(_steps(fresh, 1, 0, 2, 2, 2), expected):
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=0, atol=0)
+        torch.testing.assert_close(a["emb_grad"], b["emb_grad"], rtol=0, atol=0)
+
+
+def test_a_head_that_does_not_fit_is_a_one_line_checkpoint_error():
+    combined = _head("combined", 1, 1.0, 0, 1)
+    old = {"weight": combined.weight.detach().clone()}  # what a checkpoint without margin state holds
+    combined.load_state_dict(old)
+    with pytest.raises(CheckpointError, match=r"missing \['margin_loss.batch_mean', 'margin_loss.batch_std'\].*'adaface'"):
+        _head("adaface", 1, 1.0, 0, 1).load_state_dict(old)
+    with pytest.raises(CheckpointError, match=r"unexpected \['margin_loss.t'\]"):
+        combined.load_state_dict(_head("curricularface", 1, 1.0, 0, 1).state_dict())
+    with pytest.raises(CheckpointError, match=r"\(1 sub-centres per class\), this run expects \(33, 6\).*num_subcenters=3"):
+        _head("combined", 3, 1.0, 0, 1).load_state_dict(old)
+
+
+RESUMED = ["adaface", "curricularface", "elasticface_arc_plus"]
+
+
+def _resume_on_two_ranks(ctx, keys, k):
+    """Per margin: steps 0-1 on one process, its checkpoint split for 2 ranks, steps 2-3 on 2 ranks."""
+    results = {}
+    for key in keys:
+        one = _head(key, k, 1.0, 0, 1)
+        _steps(one, 1, 0, 0, 2, k)
+        state = {"state_dict_softmax_fc": one.state_dict(), "partial_fc": one.shard_metadata(), "rank": 0, "world_size": 1}
+        mine = split(copy.deepcopy(state), ctx.world_size)[ctx.rank]
+        head = _head(key, k, 1.0, ctx.rank, ctx.world_size)
+        head.load_state_dict(mine["state_dict_softmax_fc"])
+        results[key] = _steps(head, ctx.world_size, ctx.rank, 2, 2, k)
+    return results
+
+
+@pytest.fixture(scope="module")
+def resumed_on_two_ranks():
+    return run_distributed(_resume_on_two_ranks, 2, RESUMED, 2)
+
+
+@pytest.mark.parametrize("key", RESUMED)
+def test_resume_on_another_world_size_continues_the_margin_state(key, resumed_on_two_ranks):
+    k = 2
+    one = _head(key, k, 1.0, 0, 1)  # the uninterrupted run: steps 0-1 as saved, then the 2-rank global batches
+    _steps(one, 1, 0, 0, 2, k)
+    for step, expected in enumerate(_steps_on_global_batches(one, 2, k)):
+        for rank in range(2):
+            got = resumed_on_two_ranks[rank][key][step]
+            torch.testing.assert_close(got["loss"], expected["loss"], rtol=RTOL, atol=ATOL)
+            sl = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+            torch.testing.assert_close(got["emb_grad"] / 2, expected["emb_grad"][sl], rtol=RTOL, atol=ATOL)
+
+
+def _steps_on_global_batches(head, world_size, k):
+    """Steps 2-3 of a world-size-2 run, computed on one process (the whole global batch)."""
+    out = []
+    for step in (2, 3):
+        embeddings, labels, _ = _data(step, world_size, k)
+        emb = embeddings.clone().requires_grad_()
+        loss = head(emb, labels)
+        loss.backward()
+        out.append({"loss": loss.detach(), "emb_grad": emb.grad})
+        head.weight.grad = None
+    return out
+
+
+# --- sub-centres ------------------------------------------------------------------------------
+
+def test_subcentre_layout_is_class_major_and_only_the_arg_max_learns():
+    k, dim, classes = 3, 4, 5
+    head = PartialFC(get_margin("arcface", s=8.0, m=0.5), dim, classes, num_subcenters=k)
+    assert tuple(head.weight.shape) == (classes * k, dim)
+    embedding = torch.tensor([[0.3, -1.0, 2.0, 0.5]], requires_grad=True)
+    with torch.no_grad():
+        head.weight.normal_(generator=torch.Generator().manual_seed(0))
+        head.weight[3 * k + 2] = embedding.detach()[0] + torch.tensor([0.0, 0.2, 0.0, 0.0])  # class 3, sub-centre 2
+    loss = head(embedding, torch.tensor([3]))
+    loss.backward()
+    # the class's cosine is its best sub-centre's: class 3 (rows 9..11) is nearly aligned
+    cos = torch.nn.functional.normalize(head.weight.detach()) @ torch.nn.functional.normalize(embedding.detach())[0]
+    best = cos.view(classes, k).max(dim=1)
+    assert int(best.indices[3]) == 2 and float(best.values[3]) > 0.99
+    expected = get_margin("arcface", s=8.0, m=0.5)(best.values.unsqueeze(0).clone(), torch.tensor([3]))
+    torch.testing.assert_close(loss.detach(), torch.nn.functional.cross_entropy(expected, torch.tensor([3])))
+    # only each class's arg-max sub-centre gets a gradient
+    grad = head.weight.grad.view(classes, k, dim).abs().sum(dim=2)
+    for c in range(classes):
+        for j in range(k):
+            assert (grad[c, j] > 0) == (j == int(best.indices[c])), (c, j)
+
+
+def test_sampling_keeps_all_subcentres_of_a_sampled_class():
+    k = 4
+    head = PartialFC(get_margin("cosface"), 8, 200, sample_rate=0.1, num_subcenters=k)
+    torch.manual_seed(0)
+    labels = torch.tensor([3, 150, 3, 77])
+    head(torch.randn(4, 8), labels).backward()
+    rows = head.weight.grad.coalesce().indices()[0]
+    classes = torch.unique(rows // k)
+    assert len(classes) == 20 and {3, 150, 77} <= set(classes.tolist())
+    assert torch.equal(rows, (classes.unsqueeze(1) * k + torch.arange(k)).reshape(-1))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 256, 2.0, True])
+def test_bad_number_of_subcentres(bad):
+    with pytest.raises(ValueError, match="num_subcenters must be an integer in \\[1, 255\\]"):
+        PartialFC(get_margin("arcface"), 8, 10, num_subcenters=bad)
+
+
+# --- the registry and the config ----------------------------------------------------------------
+
+def test_get_margin_defaults_are_the_papers():
+    assert loss_parameters("adaface") == dict(s=64.0, m=0.4, h=0.333, t_alpha=0.01)
+    assert loss_parameters("magface") == dict(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0)
+    assert loss_parameters("curricularface") == dict(s=64.0, m=0.5)
+    assert get_margin("elasticface_arc").std == 0.05 and get_margin("elasticface_arc", plus=True).std == 0.0175
+    assert get_margin("elasticface_cos").m == 0.35 and get_margin("elasticface_cos", plus=True).std == 0.02
+    arc = get_margin("arcface")
+    assert (arc.s, arc.m1, arc.m2, arc.m3) == (64.0, 1.0, 0.5, 0.0)
+    assert get_margin("cosface").m3 == 0.4
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("adafcae", {}, "unknown loss 'adafcae'; valid losses: combined, arcface, cosface, adaface, magface"),
+    ("adaface", {"hh": 1}, "loss 'adaface' has no parameter 'hh'; its parameters: s, m, h, t_alpha"),
+    ("adaface", {"h": -0.1}, "h must be >= 0, got -0.1"),
+    ("adaface", {"t_alpha": 0}, "t_alpha must be in (0, 1]"),
+    ("magface", {"l_a": 110, "u_a": 10}, "0 < l_a < u_a, got l_a=110, u_a=10"),
+    ("magface", {"u_m": 2.0}, "0 <= l_m <= u_m < pi/2"),
+    ("curricularface", {"m": "big"}, "m of loss 'curricularface' must be a number, got 'big'"),
+    ("elasticface_arc", {"plus": 1}, "plus of loss 'elasticface_arc' must be True or False"),
+    ("elasticface_arc", {"std": -1.0}, "std must be >= 0"),
+    ("arcface", {"s": 0}, "s (the logit scale) must be positive"),
+])
+def test_get_margin_refuses_bad_names_and_values(name, params, message):
+    with pytest.raises(ValueError) as exc:
+        get_margin(name, **params)
+    assert message in str(exc.value)
+
+
+def _config(*overrides):
+    from utils.config import load_config
+
+    return load_config("configs/ms1mv3_r50", list(overrides))
+
+
+def test_build_margin_from_the_default_config_is_todays_combined_margin():
+    from losses import CombinedMarginLoss, build_margin
+
+    margin = build_margin(_config("--margin_list=(1.0,0.0,0.4)", "--margin_scale=32.0"))
+    assert isinstance(margin, CombinedMarginLoss) and margin.name == "combined"
+    assert (margin.s, margin.m1, margin.m2, margin.m3) == (32.0, 1.0, 0.0, 0.4)
+
+
+def test_build_margin_from_the_command_line():
+    from losses import build_margin
+
+    cfg = _config("--loss=adaface", "--loss_params=dict(m=0.35,h=0.5)", "--margin_scale=48")
+    margin = build_margin(cfg)
+    assert (margin.name, margin.s, margin.m, margin.h, margin.t_alpha) == ("adaface", 48.0, 0.35, 0.5, 0.01)
+    elastic = build_margin(_config("--loss=elasticface_cos", "--seed=77"))
+    assert elastic.seed == 77 and torch.equal(elastic.generator.get_state(), torch.Generator().manual_seed(77).get_state())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--loss=adafcae"], "loss 'adafcae' is unknown; valid losses: combined, arcface"),
+    (["--loss=adaface", "--loss_params=dict(hh=1)"], "loss_params: 'hh' is not a parameter of loss 'adaface'; valid: s, m, h, t_alpha"),
+    (["--loss=adaface", "--loss_params=dict(h=-1)"], "loss 'adaface' with loss_params={'h': -1}, margin_scale=64.0: h must be >= 0, got -1"),
+    (["--loss=magface", "--loss_params=dict(l_a=20,u_a=20)"], "l_a < u_a, got l_a=20, u_a=20"),
+    (["--num_subcenters=0"], "num_subcenters must be an integer in [1, 255], got 0"),
+    (["--loss=magface", "--interclass_filtering_threshold=0.3"], "interclass_filtering_threshold=0.3 works with loss combined, arcface or cosface only, not 'magface'"),
+    (["--margin_list=(0.0,0.5,0.0)"], "margin_list=(0.0, 0.5, 0.0): m1 (multiplicative angular margin) must be positive"),
+])
+def test_build_margin_errors_name_the_key_the_value_and_the_choices(overrides, message):
+    from losses import build_margin
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        build_margin(_config(*overrides))
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+SHIPPED = {
+    "ms1mv2_r100_adaface": ("adaface", 1),
+    "ms1mv3_r50_adaface": ("adaface", 1),
+    "ms1mv2_r100_magface": ("magface", 1),
+    "ms1mv2_r100_curricularface": ("curricularface", 1),
+    "ms1mv3_r50_subcenter": ("arcface", 3),
+    "ms1mv2_r100_elasticface_arc_plus": ("elasticface_arc", 1),
+}
+
+
+@pytest.mark.parametrize("name", list(SHIPPED))
+def test_shipped_loss_configs_build(name):
+    from losses import build_margin
+    from utils.config import load_config
+
+    cfg = load_config(f"configs/{name}")
+    loss, k = SHIPPED[name]
+    assert build_margin(cfg).name == loss and cfg.num_subcenters == k
