@@ -147,11 +147,6 @@ class GlobalBatch:
             valid = targets >= 0
             return logits.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1).masked_fill_(~valid, 0.0)
 
-    @classmethod
-    def single_process(cls, logits: torch.Tensor, targets: torch.Tensor, norms: torch.Tensor | None = None):
-        """The batch as one process sees it: every row's target is among the columns."""
-        return cls(norms=norms, target_cosines=cls.local_target_cosines(logits, targets), world_size=1)
-
 
 class Margin(nn.Module):
     """Base of every margin: forward(logits, targets, batch=None) -> logits (in place).

@@ -550,3 +550,32 @@ def test_shipped_loss_configs_build(name):
     cfg = load_config(f"configs/{name}")
     loss, k = SHIPPED[name]
     assert build_margin(cfg).name == loss and cfg.num_subcenters == k
+
+
+# --- CUDA (skipped without a GPU) ---------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("num_subcenters", [1, 3])
+@pytest.mark.parametrize("key", list(MARGINS))
+def test_cuda_matches_cpu_without_host_syncs(key, num_subcenters):
+    results = {}
+    for device in ("cpu", "cuda"):
+        head = _head(key, num_subcenters, 1.0, 0, 1).float()
+        head.check_labels = False  # the label check reads the device: the training loop turns it off on CUDA
+        head.to(device)
+        embeddings, labels, _ = _data(0, 2, num_subcenters)
+        emb = embeddings.float().to(device).requires_grad_()
+        labels = labels.to(device)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("error")  # sample_rate = 1: no step waits for the device
+        try:
+            loss = head(emb, labels)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        results[device] = (loss.detach().cpu(), emb.grad.cpu(), head.weight.grad.cpu(), _margin_state(head))
+    for a, b in zip(results["cpu"][:3], results["cuda"][:3]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for name, value in results["cpu"][3].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(results["cuda"][3][name].cpu(), value, rtol=1e-5, atol=1e-6)
