@@ -317,13 +317,14 @@ class PartialFC(nn.Module):
         expected = self.state_dict(keep_vars=True)
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]
-        name = self.margin_loss.name
         if missing or unexpected:
-            return (
-                f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}: it was saved with another "
-                f"loss than this run's {name!r} (margin state lives under margin_loss.*); resume with the loss it "
-                f"was trained with, or start a new run from pretrained / pretrained_fc"
+            margin_only = all(k.startswith("margin_loss.") for k in missing + unexpected)
+            why = (
+                f": it was saved with another loss than this run's {self.margin_loss.name!r} (margin state lives "
+                f"under margin_loss.*); resume with the loss it was trained with, or start a new run from "
+                f"pretrained / pretrained_fc" if margin_only else ""
             )
+            return f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}{why}"
         weight = state_dict.get("weight")
         if isinstance(weight, torch.Tensor) and tuple(weight.shape) != tuple(self.weight.shape):
             rows = weight.shape[0]
@@ -346,8 +347,9 @@ class PartialFC(nn.Module):
     def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose the centres to use this step: all positives plus random negatives.
 
-        local_targets [N]: shard-local class index or -1. Returns (sorted row indices
-        into `weight`, targets remapped to positions in that index, -1 kept).
+        local_targets [N]: shard-local class index or -1. Returns (sorted local class
+        indices, targets remapped to positions in that index, -1 kept); with sub-centres
+        the rows of `weight` are those classes' K rows each (losses.subcenter.subcenter_rows).
         """
         positive = torch.unique(local_targets[local_targets >= 0], sorted=True)
         if positive.numel() >= self.num_sample:
@@ -402,7 +404,7 @@ class PartialFC(nn.Module):
     def _global_batch(self, embeddings: torch.Tensor, cosines: torch.Tensor, local_targets: torch.Tensor) -> GlobalBatch:
         """What the margin needs to know about the whole global batch (nothing is computed
         that it does not ask for: the combined margin costs nothing extra)."""
-        batch = GlobalBatch(world_size=self.world_size)
+        batch = GlobalBatch(world_size=self.world_size if _distributed(self.world_size) else 1)
         if self.margin_loss.needs_norms:
             # Differentiable: MagFace's margin and regulariser depend on the norm.
             # (at least float32: embeddings from an autocast backbone are half precision).

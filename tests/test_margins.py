@@ -245,16 +245,17 @@ def test_adaface_clamps_every_cosine_and_updates_its_statistics_before_use():
     norms = torch.tensor([30.0, 5.0, 250.0], dtype=torch.float64, requires_grad=True)
     assert float(margin.batch_mean) == 20.0 and float(margin.batch_std) == 100.0
     out = margin(cos.clone(), targets, GlobalBatch(norms=norms))
+    values = out.detach()
     clipped = torch.tensor([30.0, 5.0, 100.0], dtype=torch.float64)  # norms clipped to [0.001, 100]
     mean, std = 0.5 * clipped.mean() + 0.5 * 20.0, 0.5 * clipped.std(unbiased=True) + 0.5 * 100.0
     torch.testing.assert_close(margin.batch_mean, mean)
     torch.testing.assert_close(margin.batch_std, std)
     # a non-target cosine of 0.9999 is 1 - 1e-3 and passes no gradient
-    assert float(out[0, 1]) == pytest.approx(0.999) and float(out[0, 2]) == pytest.approx(-0.999)
+    assert float(values[0, 1]) == pytest.approx(0.999) and float(values[0, 2]) == pytest.approx(-0.999)
     # the target uses the statistics of *this* batch already
     scaler = torch.clamp(0.333 * (clipped[0] - mean) / (std + 1e-3), -1, 1)
     expected = math.cos(math.acos(0.5) - 0.4 * float(scaler)) - 0.4 - 0.4 * float(scaler)
-    assert float(out[0, 0]) == pytest.approx(expected, rel=1e-12)
+    assert float(values[0, 0]) == pytest.approx(expected, rel=1e-12)
     out.sum().backward()
     assert cos.grad[0, 1] == 0 and cos.grad[0, 2] == 0 and cos.grad[1, 1] == 1
     assert norms.grad is None or torch.all(norms.grad == 0)  # the norms are detached
@@ -270,11 +271,12 @@ def test_magface_easy_margin_and_the_gradient_through_the_norm():
     norms = torch.tensor([50.0, 50.0, 5.0, 200.0], dtype=torch.float64, requires_grad=True)
     batch = GlobalBatch(norms=norms)
     out = margin(cos.clone(), targets, batch)
+    values = out.detach()
     m50 = 0.45 + (50 - 10) * 0.35 / 100
-    assert float(out[0, 0]) == pytest.approx(math.cos(math.acos(0.6) + m50), rel=1e-12)
-    assert float(out[1, 0]) == -0.3  # cos <= 0: no margin (easy_margin)
-    assert float(out[2, 0]) == pytest.approx(math.cos(math.acos(0.6) + 0.45), rel=1e-12)  # a clamped to l_a
-    assert float(out[3, 0]) == pytest.approx(math.cos(math.acos(0.6) + 0.8), rel=1e-12)  # a clamped to u_a
+    assert float(values[0, 0]) == pytest.approx(math.cos(math.acos(0.6) + m50), rel=1e-12)
+    assert float(values[1, 0]) == -0.3  # cos <= 0: no margin (easy_margin)
+    assert float(values[2, 0]) == pytest.approx(math.cos(math.acos(0.6) + 0.45), rel=1e-12)  # a clamped to l_a
+    assert float(values[3, 0]) == pytest.approx(math.cos(math.acos(0.6) + 0.8), rel=1e-12)  # a clamped to u_a
     reg = margin.regularizer(batch)
     a = torch.tensor([50.0, 50.0, 10.0, 110.0], dtype=torch.float64)
     torch.testing.assert_close(reg, 35.0 * (a / 110**2 + 1 / a).mean())
