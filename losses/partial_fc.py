@@ -269,7 +269,8 @@ class PartialFC(nn.Module):
             rank = dist.get_rank() if world_size > 1 else 0
         if num_classes < world_size:
             raise ValueError(f"num_classes ({num_classes}) must be at least the world size ({world_size})")
-        if isinstance(num_subcenters, bool) or not isinstance(num_subcenters, int) or not 1 <= num_subcenters <= MAX_SUBCENTERS:
+        integer = isinstance(num_subcenters, int) and not isinstance(num_subcenters, bool)
+        if not integer or not 1 <= num_subcenters <= MAX_SUBCENTERS:
             raise ValueError(f"num_subcenters must be an integer in [1, {MAX_SUBCENTERS}], got {num_subcenters!r}")
         self.margin_loss = margin_loss
         self.embedding_size = embedding_size

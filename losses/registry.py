@@ -58,15 +58,20 @@ def _elastic(angular: bool, name: str):
     return build
 
 
+_FILTERING = ("interclass_filtering_threshold",)
 LOSSES: dict[str, _Spec] = {
-    "combined": _Spec(_combined, dict(s=64.0, m1=1.0, m2=0.5, m3=0.0), "ArcFace paper (Deng et al. 2019), insightface arcface_torch", ("interclass_filtering_threshold",)),
-    "arcface": _Spec(_arcface, dict(s=64.0, m=0.5), "Deng et al. 2019", ("interclass_filtering_threshold",)),
-    "cosface": _Spec(_cosface, dict(s=64.0, m=0.4), "Wang et al. 2018; m=0.4 as insightface", ("interclass_filtering_threshold",)),
+    "combined": _Spec(_combined, dict(s=64.0, m1=1.0, m2=0.5, m3=0.0),
+                      "ArcFace paper (Deng et al. 2019), insightface arcface_torch", _FILTERING),
+    "arcface": _Spec(_arcface, dict(s=64.0, m=0.5), "Deng et al. 2019", _FILTERING),
+    "cosface": _Spec(_cosface, dict(s=64.0, m=0.4), "Wang et al. 2018; m=0.4 as insightface", _FILTERING),
     "adaface": _Spec(AdaFaceMargin, dict(s=64.0, m=0.4, h=0.333, t_alpha=0.01), "Kim et al. 2022, mk-minchul/AdaFace"),
-    "magface": _Spec(MagFaceMargin, dict(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0), "Meng et al. 2021, IrvingMeng/MagFace"),
+    "magface": _Spec(MagFaceMargin, dict(s=64.0, l_a=10.0, u_a=110.0, l_m=0.45, u_m=0.8, lambda_g=35.0),
+                     "Meng et al. 2021, IrvingMeng/MagFace"),
     "curricularface": _Spec(CurricularFaceMargin, dict(s=64.0, m=0.5), "Huang et al. 2020, HuangYG123/CurricularFace"),
-    "elasticface_arc": _Spec(_elastic(True, "elasticface_arc"), dict(s=64.0, m=0.5, std=None, plus=False), "Boutros et al. 2022, fdbtrs/ElasticFace", ("seed",)),
-    "elasticface_cos": _Spec(_elastic(False, "elasticface_cos"), dict(s=64.0, m=0.35, std=None, plus=False), "Boutros et al. 2022, fdbtrs/ElasticFace", ("seed",)),
+    "elasticface_arc": _Spec(_elastic(True, "elasticface_arc"), dict(s=64.0, m=0.5, std=None, plus=False),
+                             "Boutros et al. 2022, fdbtrs/ElasticFace", ("seed",)),
+    "elasticface_cos": _Spec(_elastic(False, "elasticface_cos"), dict(s=64.0, m=0.35, std=None, plus=False),
+                             "Boutros et al. 2022, fdbtrs/ElasticFace", ("seed",)),
 }
 
 

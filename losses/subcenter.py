@@ -59,7 +59,9 @@ def subcenter_rows(class_index: torch.Tensor, num_subcenters: int) -> torch.Tens
 
 # --- the noise-cleaning step -------------------------------------------------------------
 
-def own_class_cosines(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, num_subcenters: int) -> torch.Tensor:
+def own_class_cosines(
+    embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, num_subcenters: int
+) -> torch.Tensor:
     """[B, K] cosines of each embedding to the K sub-centres of its own class.
 
     `weight` is the merged centre matrix [num_classes * K, D] (class-major).
@@ -68,7 +70,9 @@ def own_class_cosines(embeddings: torch.Tensor, labels: torch.Tensor, weight: to
     return torch.bmm(centres, F.normalize(embeddings.float(), dim=1).unsqueeze(2)).squeeze(2)
 
 
-def dominant_subcentres(nearest: torch.Tensor, labels: torch.Tensor, num_classes: int, num_subcenters: int) -> torch.Tensor:
+def dominant_subcentres(
+    nearest: torch.Tensor, labels: torch.Tensor, num_classes: int, num_subcenters: int
+) -> torch.Tensor:
     """[num_classes] the sub-centre that most of each class's samples are nearest to (ties:
     the lowest index; a class without samples: 0)."""
     counts = torch.zeros(num_classes * num_subcenters, dtype=torch.int64)

@@ -518,12 +518,16 @@ def test_build_margin_from_the_command_line():
 
 @pytest.mark.parametrize("overrides, message", [
     (["--loss=adafcae"], "loss 'adafcae' is unknown; valid losses: combined, arcface"),
-    (["--loss=adaface", "--loss_params=dict(hh=1)"], "loss_params: 'hh' is not a parameter of loss 'adaface'; valid: s, m, h, t_alpha"),
-    (["--loss=adaface", "--loss_params=dict(h=-1)"], "loss 'adaface' with loss_params={'h': -1}, margin_scale=64.0: h must be >= 0, got -1"),
+    (["--loss=adaface", "--loss_params=dict(hh=1)"],
+     "loss_params: 'hh' is not a parameter of loss 'adaface'; valid: s, m, h, t_alpha"),
+    (["--loss=adaface", "--loss_params=dict(h=-1)"],
+     "loss 'adaface' with loss_params={'h': -1}, margin_scale=64.0: h must be >= 0, got -1"),
     (["--loss=magface", "--loss_params=dict(l_a=20,u_a=20)"], "l_a < u_a, got l_a=20, u_a=20"),
     (["--num_subcenters=0"], "num_subcenters must be an integer in [1, 255], got 0"),
-    (["--loss=magface", "--interclass_filtering_threshold=0.3"], "interclass_filtering_threshold=0.3 works with loss combined, arcface or cosface only, not 'magface'"),
-    (["--margin_list=(0.0,0.5,0.0)"], "margin_list=(0.0, 0.5, 0.0): m1 (multiplicative angular margin) must be positive"),
+    (["--loss=magface", "--interclass_filtering_threshold=0.3"],
+     "interclass_filtering_threshold=0.3 works with loss combined, arcface or cosface only, not 'magface'"),
+    (["--margin_list=(0.0,0.5,0.0)"],
+     "margin_list=(0.0, 0.5, 0.0): m1 (multiplicative angular margin) must be positive"),
 ])
 def test_build_margin_errors_name_the_key_the_value_and_the_choices(overrides, message):
     from losses import build_margin

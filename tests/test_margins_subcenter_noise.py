@@ -69,7 +69,8 @@ def _expected(embeddings, labels, centres):
     for c in range(CLASSES):
         votes = [int((nearest[labels == c] == j).sum()) for j in range(K)]
         dominant[c] = votes.index(max(votes))
-    angles = [math.degrees(math.acos(max(-1.0, min(1.0, float(cos[i, dominant[int(labels[i])]]))))) for i in range(len(labels))]
+    to_dominant = [float(cos[i, dominant[int(labels[i])]]) for i in range(len(labels))]
+    angles = [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in to_dominant]
     return angles, dominant, nearest
 
 

@@ -46,7 +46,9 @@ def load_checkpoint(path: Path) -> dict:
         else:
             sets = ckpt.candidate_sets(path)
         if not sets:
-            raise UserError(f"{path} holds no complete checkpoint set (checkpoints/step_*/manifest.json or checkpoint_gpu_0.pt)")
+            raise UserError(
+                f"{path} holds no complete checkpoint set (checkpoints/step_*/manifest.json or checkpoint_gpu_0.pt)"
+            )
         cset = sets[0]
         states = [ckpt.load_rank_file(cset.rank_file(r), mmap=True) for r in range(saved_world_size(cset))]
         return merge(states, str(cset.path))
