@@ -22,6 +22,13 @@ a fresh process (the resident-set high-water mark); on CUDA torch.cuda.max_memor
 
     python bench/bench_partial_fc.py [--classes 100000 1000000 2000000] [--sample-rates 1.0 0.3 0.1]
                                      [--batch-size 128] [--steps 4] [--warmup 2] [--device cpu|cuda] [--quick]
+
+With --loss, the head alone (ours) is timed once per margin loss, side by side with
+`combined` (ArcFace), each with its default parameters (losses.get_margin) and
+--num-subcenters sub-centres per class:
+
+    python bench/bench_partial_fc.py --classes 1000000 --sample-rates 0.1 \
+        --loss combined adaface magface curricularface elasticface_arc [--num-subcenters 3]
 """
 from __future__ import annotations
 
@@ -59,18 +66,19 @@ def _sample(local_targets, num_local: int, num_sample: int):
     return index, torch.searchsorted(index, local_targets)
 
 
-def _build(impl: str, num_classes: int, sample_rate: float, low_precision, device):
+def _build(impl: str, num_classes: int, sample_rate: float, low_precision, device, loss: str = "combined",
+           num_subcenters: int = 1):
     """(step(embeddings, labels) -> loss, modules to keep alive)."""
     import torch
     import torch.nn.functional as F
 
-    from losses import CombinedMarginLoss, PartialFC
+    from losses import CombinedMarginLoss, PartialFC, get_margin
     from losses.optim import build_optimizer
 
-    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
+    margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0) if loss == "combined" else get_margin(loss)
     if impl == "ours":
         head = PartialFC(margin, EMBEDDING, num_classes, sample_rate, matmul_dtype=low_precision,
-                         check_labels=False).to(device)
+                         num_subcenters=num_subcenters, check_labels=False).to(device)
         optimizer = build_optimizer("sgd", [], head.parameters(), lr=0.1, weight_decay=5e-4, device_type=device.type)
         no_inf = torch.zeros((), device=device)
 
@@ -84,6 +92,8 @@ def _build(impl: str, num_classes: int, sample_rate: float, low_precision, devic
 
         return step, (head, optimizer)
 
+    if loss != "combined" or num_subcenters != 1:
+        raise ValueError("the dense reference implements the combined margin without sub-centres only")
     weight = torch.nn.Parameter(torch.normal(0.0, 0.01, (num_classes, EMBEDDING), device=device))
     optimizer = torch.optim.SGD([weight], lr=0.1, momentum=0.9, weight_decay=5e-4)
     num_sample = max(1, int(sample_rate * num_classes))
@@ -106,10 +116,10 @@ def _build(impl: str, num_classes: int, sample_rate: float, low_precision, devic
     return step, (weight, optimizer)
 
 
-def estimate_bytes(impl: str, num_classes: int, sample_rate: float, batch: int) -> int:
+def estimate_bytes(impl: str, num_classes: int, sample_rate: float, batch: int, num_subcenters: int = 1) -> int:
     """The case's peak, from the sizes of what it holds (within ~10% of the measured peaks)."""
-    shard = num_classes * EMBEDDING * 4
-    sampled = max(1, int(sample_rate * num_classes))
+    shard = num_classes * num_subcenters * EMBEDDING * 4
+    sampled = max(1, int(sample_rate * num_classes)) * num_subcenters
     logits = batch * sampled * 4
     if impl == "ours":
         if sample_rate >= 1.0:  # weight, dense gradient, momentum; normalised centres; logits
@@ -120,7 +130,7 @@ def estimate_bytes(impl: str, num_classes: int, sample_rate: float, batch: int) 
 
 
 def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, steps: int, warmup: int,
-             device_name: str, seed: int = 0) -> dict:
+             device_name: str, seed: int = 0, loss: str = "combined", num_subcenters: int = 1) -> dict:
     import torch
 
     device = resolve_device(device_name)
@@ -133,10 +143,10 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
     ]
     inputs = [(e.to(device), l.to(device)) for e, l in inputs]
     result = {"impl": impl, "num_classes": num_classes, "sample_rate": sample_rate, "batch": batch,
-              "precision": precision.name}
+              "precision": precision.name, "loss": loss, "num_subcenters": num_subcenters}
     if device.type == "cpu":
         # Swapping, or the kernel's OOM killer picking another process, would be worse than a gap.
-        needed = estimate_bytes(impl, num_classes, sample_rate, batch)
+        needed = estimate_bytes(impl, num_classes, sample_rate, batch, num_subcenters)
         free = available_memory_bytes(device)
         if free is not None and needed > 0.9 * free:
             result["skipped"] = f"needs ~{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
@@ -145,7 +155,7 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
     keep = None
     try:
         with PeakMemory(device) as memory:
-            step, keep = _build(impl, num_classes, sample_rate, precision.autocast_dtype, device)
+            step, keep = _build(impl, num_classes, sample_rate, precision.autocast_dtype, device, loss, num_subcenters)
             times, losses = [], []
             for i, (emb, labels) in enumerate(inputs):
                 emb = emb.clone().requires_grad_()
@@ -164,11 +174,11 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
     return result
 
 
-def _case_in_subprocess(impl, num_classes, sample_rate, args) -> dict:
+def _case_in_subprocess(impl, num_classes, sample_rate, args, loss="combined", num_subcenters=1) -> dict:
     cmd = [
         sys.executable, str(Path(__file__).resolve()), "--case", impl, str(num_classes), str(sample_rate),
         "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
-        "--device", args.device,
+        "--device", args.device, "--loss", loss, "--num-subcenters", str(num_subcenters),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -208,6 +218,54 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
                 cases += [_pool(results) for results in runs.values()]
     return {"cases": cases, "classes": list(classes), "sample_rates": list(sample_rates), "rounds": rounds,
             "batch_sizes": list(batch_sizes), "embedding_size": EMBEDDING, "steps": steps, "warmup": warmup}
+
+
+def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, num_subcenters=1, device="cpu",
+               log=print) -> dict:
+    """The head (ours) once per margin loss, per (classes, rate): step time and peak memory."""
+    import torch
+
+    dev = resolve_device(device)
+    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), batch_size=batch)
+    cases = []
+    for c in classes:
+        for sr in sample_rates:
+            for loss in losses:
+                start = time.perf_counter()
+                if dev.type == "cuda":
+                    r = run_case("ours", c, sr, batch=batch, steps=steps, warmup=warmup, device_name=str(dev),
+                                 loss=loss, num_subcenters=num_subcenters)
+                    torch.cuda.empty_cache()
+                else:
+                    r = _case_in_subprocess("ours", c, sr, args, loss, num_subcenters)
+                r.setdefault("loss", loss)
+                log(f"{loss:<16} " + _case_line(r, time.perf_counter() - start).strip())
+                cases.append(r)
+    return {"cases": cases, "losses": list(losses), "classes": list(classes), "sample_rates": list(sample_rates),
+            "batch": batch, "num_subcenters": num_subcenters, "embedding_size": EMBEDDING, "steps": steps,
+            "warmup": warmup}
+
+
+def format_loss_table(result: dict) -> str:
+    """One row per (classes, rate, loss), with the step time relative to `combined`."""
+    lines = [
+        f"| classes | sample rate | loss | sub-centres | ms/step | vs combined | peak GiB |",
+        "| ---: | ---: | :--- | ---: | ---: | ---: | ---: |",
+    ]
+    by_key = {(r["num_classes"], r["sample_rate"], r["loss"]): r for r in result["cases"]}
+    for c in result["classes"]:
+        for sr in result["sample_rates"]:
+            base = by_key.get((c, sr, "combined"))
+            for loss in result["losses"]:
+                r = by_key[(c, sr, loss)]
+                if "skipped" in r:
+                    lines.append(f"| {c:,} | {sr} | {loss} | {result['num_subcenters']} | skipped: {r['skipped']} | - | - |")
+                    continue
+                ratio = f"{r['min_s'] / base['min_s']:.2f}x" if base and "skipped" not in base else "-"
+                peak = f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"
+                lines.append(f"| {c:,} | {sr} | {loss} | {result['num_subcenters']} | {1000 * r['min_s']:.1f} | "
+                             f"{ratio} | {peak} |")
+    return "\n".join(lines)
 
 
 def _pool(results: list[dict]) -> dict:
@@ -332,6 +390,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="alternate ours and the reference this many times")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="small class counts, few steps (smoke test)")
+    parser.add_argument("--loss", nargs="+", help="time the head per margin loss (ours only), e.g. combined adaface")
+    parser.add_argument("--num-subcenters", type=int, default=1, help="with --loss: sub-centres per class")
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "CLASSES", "RATE"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -339,11 +399,24 @@ def main() -> None:
     if args.case:  # one case, in this (fresh) process; the result is the last line of stdout
         impl, c, sr = args.case[0], int(args.case[1]), float(args.case[2])
         r = run_case(impl, c, sr, batch=args.batch_size[0], steps=args.steps, warmup=args.warmup,
-                     device_name=args.device)
+                     device_name=args.device, loss=(args.loss or ["combined"])[0], num_subcenters=args.num_subcenters)
         print(json.dumps(r))
         return
     if args.quick:
         args.classes, args.steps, args.warmup = [10_000, 50_000], 2, 1
+    if args.loss:
+        from losses import available_losses
+
+        unknown = [name for name in args.loss if name not in available_losses()]
+        if unknown:
+            parser.error(f"unknown loss {unknown[0]!r}; valid: {', '.join(available_losses())}")
+        losses = list(dict.fromkeys(["combined", *args.loss]))  # combined first: the baseline
+        result = run_losses(losses, args.classes, args.sample_rates, batch=args.batch_size[0], steps=args.steps,
+                            warmup=args.warmup, num_subcenters=args.num_subcenters, device=args.device)
+        print(format_loss_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     result = run(args.classes, args.sample_rates, batch_sizes=args.batch_size, steps=args.steps,
                  warmup=args.warmup, rounds=args.rounds, device=args.device)
     print(format_table(result))

@@ -57,6 +57,11 @@ config.val_targets = []  # e.g. ["lfw", "cfp_fp", "agedb_30"]: <rec>/<name>.bin
 
 # --- this project's keys ----------------------------------------------------
 config.margin_scale = 64.0  # s of the margin softmax
+# The margin loss (docs/losses.md). "combined" is cos(m1*theta + m2) - m3 from margin_list; the
+# others: arcface, cosface, adaface, magface, curricularface, elasticface_arc, elasticface_cos.
+config.loss = "combined"
+config.loss_params = {}  # the loss's parameters, e.g. dict(m=0.4, h=0.333); unset: the paper's default, s: margin_scale
+config.num_subcenters = 1  # sub-center ArcFace: K centres per class, the class's cosine is the max (paper: 3)
 config.clip_grad_norm = 5.0  # max L2 norm of the backbone gradient; 0 disables
 config.dropout = 0.0  # before the backbone's embedding layer
 config.precision = "auto"  # auto | fp32 | bf16 | fp16 (auto: fp16 if fp16=True on CUDA, else bf16 where fast, else fp32)

@@ -16,6 +16,21 @@ over the whole shard.
 
 With sample_rate = 1 a step never waits for the device (no data-dependent shapes);
 sampling must read the number of distinct positive classes, one device-to-host read.
+
+The margin (losses.margin.Margin: combined/ArcFace/CosFace, AdaFace, MagFace,
+CurricularFace, ElasticFace) is applied to this rank's cosine columns in place. This
+module is the one place of collective communication for the loss, so it also hands the
+margin what the margin's rule takes over the whole global batch (`GlobalBatch`): the
+norms of the gathered, un-normalised embeddings, and every row's target cosine, one
+all_reduce of N values (each row's target lives on exactly one rank). Both are equal on
+every rank, so margin state (AdaFace's norm statistics, CurricularFace's t, ElasticFace's
+draws) stays equal on every rank and the loss is the single-process loss of the global
+batch. A regulariser every rank computes from the whole batch (MagFace's) gets its
+gradient divided by the world size: the all-gather's backward sums the ranks' gradients.
+
+With num_subcenters = K (sub-center ArcFace) `weight` holds K rows per class, row c*K + k
+for sub-centre k of local class c; a class's cosine is the max over its sub-centres
+(losses.subcenter), and sampling keeps or drops a class's K rows together.
 """
 from __future__ import annotations
 
@@ -24,8 +39,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from losses.margin import CombinedMarginLoss
+from losses.margin import GlobalBatch, Margin
 from losses.row_chunks import row_slices
+from losses.subcenter import MAX_SUBCENTERS, class_cosines, subcenter_rows
 
 # F.normalize's eps: a centre of norm below it is divided by eps instead.
 _NORM_EPS = 1e-12
@@ -205,24 +221,40 @@ class _CosineLogits(torch.autograd.Function):
         return grad_emb, grad_weight, None, None
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 class PartialFC(nn.Module):
     """Model-parallel margin-softmax head.
 
     forward(local_embeddings [B, D], local_labels [B]) -> scalar loss, the mean over
-    the global batch of B * world_size samples (equal on every rank).
+    the global batch of B * world_size samples (equal on every rank), plus the
+    margin's regulariser if it has one. The embeddings are not normalised.
 
-    `weight` [num_local, D] holds this rank's centres, classes
+    `weight` [num_local * num_subcenters, D] holds this rank's centres, classes
     [class_start, class_start + num_local). rank/world_size default to the
-    initialised process group (or 0/1 without one).
+    initialised process group (or 0/1 without one). The margin's state is part of
+    this module's state_dict (`margin_loss.*`).
     """
 
     def __init__(
         self,
-        margin_loss: CombinedMarginLoss,
+        margin_loss: Margin,
         embedding_size: int,
         num_classes: int,
         sample_rate: float = 1.0,
         *,
+        num_subcenters: int = 1,
         matmul_dtype: torch.dtype | None = None,
         rank: int | None = None,
         world_size: int | None = None,
@@ -237,6 +269,9 @@ class PartialFC(nn.Module):
             rank = dist.get_rank() if world_size > 1 else 0
         if num_classes < world_size:
             raise ValueError(f"num_classes ({num_classes}) must be at least the world size ({world_size})")
+        integer = isinstance(num_subcenters, int) and not isinstance(num_subcenters, bool)
+        if not integer or not 1 <= num_subcenters <= MAX_SUBCENTERS:
+            raise ValueError(f"num_subcenters must be an integer in [1, {MAX_SUBCENTERS}], got {num_subcenters!r}")
         self.margin_loss = margin_loss
         self.embedding_size = embedding_size
         self.num_classes = num_classes
@@ -247,16 +282,59 @@ class PartialFC(nn.Module):
         self.rank, self.world_size = rank, world_size
         self.check_labels = check_labels
         self.class_start, self.num_local = shard_range(num_classes, rank, world_size)
-        self.num_sample = max(1, int(self.sample_rate * self.num_local))
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
-        self.last_num_sampled = self.num_local  # for logging
+        self.num_subcenters = num_subcenters
+        self.num_sample = max(1, int(self.sample_rate * self.num_local))  # classes (each with its K rows)
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local * num_subcenters, embedding_size)))
+        self.last_num_sampled = self.num_local  # classes, for logging
 
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}, "
             f"world_size={self.world_size}, class_start={self.class_start}, num_local={self.num_local}, "
-            f"sample_rate={self.sample_rate}"
+            f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}"
         )
+
+    def shard_metadata(self) -> dict:
+        """What a checkpoint records beside this rank's state_dict (its `partial_fc` entry,
+        read by losses/reshard.py to move rows between world sizes)."""
+        return {
+            "class_start": self.class_start, "num_local": self.num_local, "num_classes": self.num_classes,
+            "embedding_size": self.embedding_size, "num_subcenters": self.num_subcenters,
+            "loss": self.margin_loss.name,
+        }
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict; with strict=True a head that does not fit (another
+        loss's margin state, another number of sub-centres) is a one-line CheckpointError."""
+        if strict:
+            problem = self._mismatch(state_dict)
+            if problem:
+                from utils.checkpoint import CheckpointError
+
+                raise CheckpointError(f"the checkpoint's PartialFC head does not fit this run: {problem}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _mismatch(self, state_dict) -> str | None:
+        expected = self.state_dict(keep_vars=True)
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            margin_only = all(k.startswith("margin_loss.") for k in missing + unexpected)
+            why = (
+                f": it was saved with another loss than this run's {self.margin_loss.name!r} (margin state lives "
+                f"under margin_loss.*); resume with the loss it was trained with, or start a new run from "
+                f"pretrained / pretrained_fc" if margin_only else ""
+            )
+            return f"missing {missing or 'nothing'}, unexpected {unexpected or 'nothing'}{why}"
+        weight = state_dict.get("weight")
+        if isinstance(weight, torch.Tensor) and tuple(weight.shape) != tuple(self.weight.shape):
+            rows = weight.shape[0]
+            per_class = f"{rows // self.num_local} sub-centres per class" if rows % self.num_local == 0 else f"{rows} rows"
+            return (
+                f"weight {tuple(weight.shape)} ({per_class}), this run expects {tuple(self.weight.shape)} "
+                f"({self.num_local} classes x num_subcenters={self.num_subcenters}, embedding_size={self.embedding_size})"
+            )
+        return None
 
     def _validate_labels(self, labels: torch.Tensor) -> None:
         bad = (labels < 0) | (labels >= self.num_classes)
@@ -270,8 +348,9 @@ class PartialFC(nn.Module):
     def sample(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Choose the centres to use this step: all positives plus random negatives.
 
-        local_targets [N]: shard-local class index or -1. Returns (sorted row indices
-        into `weight`, targets remapped to positions in that index, -1 kept).
+        local_targets [N]: shard-local class index or -1. Returns (sorted local class
+        indices, targets remapped to positions in that index, -1 kept); with sub-centres
+        the rows of `weight` are those classes' K rows each (losses.subcenter.subcenter_rows).
         """
         positive = torch.unique(local_targets[local_targets >= 0], sorted=True)
         if positive.numel() >= self.num_sample:
@@ -305,12 +384,36 @@ class PartialFC(nn.Module):
         on_this_rank = (local_targets >= 0) & (local_targets < self.num_local)
         local_targets = torch.where(on_this_rank, local_targets, torch.full_like(local_targets, -1))
 
-        index = None
+        rows = None
         if self.sample_rate < 1.0:
             index, local_targets = self.sample(local_targets)
             self.last_num_sampled = int(index.numel())
+            rows = subcenter_rows(index, self.num_subcenters)
 
-        logits = _CosineLogits.apply(F.normalize(embeddings), self.weight, index, self.matmul_dtype)
-        logits = self.margin_loss(logits, local_targets)
+        cosines = _CosineLogits.apply(F.normalize(embeddings), self.weight, rows, self.matmul_dtype)
+        cosines = class_cosines(cosines, self.num_subcenters)
+        batch = self._global_batch(embeddings, cosines, local_targets)
+        logits = self.margin_loss(cosines, local_targets, batch)
         loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
+        regularizer = self.margin_loss.regularizer(batch)
+        if regularizer is not None:
+            if _distributed(self.world_size):
+                regularizer = _ScaleGradient.apply(regularizer, 1.0 / self.world_size)
+            loss = loss + regularizer
         return loss
+
+    def _global_batch(self, embeddings: torch.Tensor, cosines: torch.Tensor, local_targets: torch.Tensor) -> GlobalBatch:
+        """What the margin needs to know about the whole global batch (nothing is computed
+        that it does not ask for: the combined margin costs nothing extra)."""
+        batch = GlobalBatch(world_size=self.world_size if _distributed(self.world_size) else 1)
+        if self.margin_loss.needs_norms:
+            # Differentiable: MagFace's margin and regulariser depend on the norm.
+            # (at least float32: embeddings from an autocast backbone are half precision).
+            wide = embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+            batch.norms = torch.linalg.vector_norm(wide, dim=1)
+        if self.margin_loss.needs_target_cosines:
+            target = GlobalBatch.local_target_cosines(cosines, local_targets)
+            if _distributed(self.world_size):
+                dist.all_reduce(target)  # each row's target lives on exactly one rank
+            batch.target_cosines = target
+        return batch

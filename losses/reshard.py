@@ -11,6 +11,12 @@ states are per rank and cannot be mapped, so they are dropped: a run resumed
 on another world size continues from the same weights and optimizer state but
 not with the same random draws.
 
+With sub-centres (num_subcenters = K) a class owns K consecutive rows, c*K + k, of the
+centre matrix and of its optimizer state: ranges of classes become ranges of K times as
+many rows. The margin's state (AdaFace's running statistics, CurricularFace's t,
+ElasticFace's generator: `margin_loss.*` in the head's state_dict) is the same on every
+rank and comes from old rank 0 like the rest of the head's state_dict.
+
 The same functions merge a set into one world-size-1 state and split such a
 state into W' rank states (tools/partial_fc_shards.py).
 
@@ -31,18 +37,28 @@ PARTIAL_FC_GROUP = "partial_fc"
 
 # --- where the rows live ----------------------------------------------------------------
 
-def _class_range(state: dict, rank: int, world_size: int, num_classes: int, where: str) -> tuple[int, int]:
-    """(class_start, num_local) of a saved rank file, checked against its class centres."""
+def _class_range(state: dict, rank: int, world_size: int, num_classes: int, k: int, where: str) -> tuple[int, int]:
+    """(first row, rows) of a saved rank file -- its class range times K sub-centres --
+    checked against its class centres."""
     rows = _weight(state, where).shape[0]
     meta = state.get("partial_fc") or {}
     start, num_local = shard_range(num_classes, rank, world_size)
     saved = (meta.get("class_start", start), meta.get("num_local", num_local))
-    if saved != (start, num_local) or rows != num_local:
+    if saved != (start, num_local) or rows != num_local * k:
+        per = f", {k} sub-centres each" if k > 1 else ""
         raise CheckpointError(
-            f"{where} holds classes {saved[0]}..{saved[0] + rows - 1} ({rows} rows), expected "
+            f"{where} holds classes {saved[0]}..{saved[0] + rows // k - 1} ({rows} rows{per}), expected "
             f"{start}..{start + num_local - 1} for rank {rank} of {world_size} with {num_classes} classes"
         )
-    return start, num_local
+    return start * k, num_local * k
+
+
+def _num_subcenters(base: dict, where: str) -> int:
+    """K of a set: rank 0's metadata (files written before sub-centres existed: 1)."""
+    k = (base.get("partial_fc") or {}).get("num_subcenters", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise CheckpointError(f"{where}: partial_fc.num_subcenters must be a positive integer, got {k!r}")
+    return k
 
 
 def _weight(state: dict, where: str) -> torch.Tensor:
@@ -96,10 +112,12 @@ def reshard(sources: dict[int, dict], old_world_size: int, rank: int, world_size
     if 0 not in sources:
         raise CheckpointError(f"{where}: rank 0's file is needed to re-shard")
     base = sources[0]
-    num_classes = _num_classes(base, old_world_size, sources, where)
-    start, count = shard_range(num_classes, rank, world_size)
+    subcenters = _num_subcenters(base, where)
+    num_classes = _num_classes(base, old_world_size, sources, subcenters, where)
+    class_start, class_count = shard_range(num_classes, rank, world_size)
+    start, count = class_start * subcenters, class_count * subcenters  # rows
     ranges = {
-        k: _class_range(state, k, old_world_size, num_classes, f"{where}/{rank_filename(k)}")
+        k: _class_range(state, k, old_world_size, num_classes, subcenters, f"{where}/{rank_filename(k)}")
         for k, state in sources.items()
     }
     missing = [k for k in needed_ranks(num_classes, old_world_size, rank, world_size) if k not in sources]
@@ -115,8 +133,8 @@ def reshard(sources: dict[int, dict], old_world_size: int, rank: int, world_size
         state["state_dict_backbone"] = base["state_dict_backbone"]  # DDP gives the other ranks rank 0's weights
     state["rank"], state["world_size"] = rank, world_size
     state["partial_fc"] = {
-        **(base.get("partial_fc") or {}), "class_start": start, "num_local": count, "num_classes": num_classes,
-        "embedding_size": like.shape[1],
+        **(base.get("partial_fc") or {}), "class_start": class_start, "num_local": class_count,
+        "num_classes": num_classes, "embedding_size": like.shape[1], "num_subcenters": subcenters,
     }
     state["state_dict_softmax_fc"] = {
         **base["state_dict_softmax_fc"],
@@ -129,12 +147,12 @@ def reshard(sources: dict[int, dict], old_world_size: int, rank: int, world_size
     return state
 
 
-def _num_classes(base: dict, old_world_size: int, sources: dict[int, dict], where: str) -> int:
+def _num_classes(base: dict, old_world_size: int, sources: dict[int, dict], subcenters: int, where: str) -> int:
     saved = (base.get("partial_fc") or {}).get("num_classes")
     if saved is not None:
         return int(saved)
     if len(sources) == old_world_size:  # insightface's files: the shards add up to all classes
-        return sum(_weight(s, where).shape[0] for s in sources.values())
+        return sum(_weight(s, where).shape[0] for s in sources.values()) // subcenters
     raise CheckpointError(f"{where}: rank 0's file does not say how many classes the run has (partial_fc.num_classes)")
 
 

@@ -88,7 +88,7 @@ def test_overrides_parse_python_literals():
         ("--batch_size=abc", "key 'batch_size' expects int, got 'abc'"),
         ("--batch_size=True", "key 'batch_size' expects int"),
         ("--lr=fast", "key 'lr' expects float or int"),
-        ("--loss=arcface", "'loss' is no longer supported: use margin_list"),
+        ("--decay_epoch=8", "'decay_epoch' is no longer supported: the learning rate follows the PolyScheduler"),
         ("--sample_rate=0", "sample_rate must be in (0, 1]"),
         ("--optimizer=adam", "optimizer must be 'sgd' or 'adamw'"),
         ("--margin_list=(1.0,0.5)", "margin_list must be three numbers"),

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from losses.margin import CombinedMarginLoss
+from losses.margin import ACOS_GRAD_EDGE, CombinedMarginLoss
 
 
 
@@ -87,11 +87,22 @@ def test_target_logit_beyond_pi_is_continuous_and_monotonic(margins):
     assert torch.isfinite(cos.grad).all()
 
 
-def test_aligned_target_has_finite_gradient():
-    loss = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0)
-    x = torch.tensor([[1.0, 0.2], [1.0 + 1e-7, 0.1]], requires_grad=True)
-    loss(x.clone(), torch.tensor([0, 0])).sum().backward()
-    assert torch.isfinite(x.grad).all()
+def test_aligned_target_is_exact_and_keeps_a_bounded_nonzero_gradient():
+    s, m = 64.0, 0.5
+    loss = CombinedMarginLoss(s, 1.0, m, 0.0)
+    x = torch.tensor([[1.0, 0.2], [1.0 + 1e-7, 0.1], [ACOS_GRAD_EDGE, 0.3]], requires_grad=True)
+    out = loss(x.clone(), torch.tensor([0, 0, 0]))
+    values = out.detach()
+    # the forward is exact: s*cos(m) at cos = 1 (and at 1 + rounding), not s*cos(acos(1 - eps) + m)
+    assert float(values[0, 0]) == pytest.approx(s * math.cos(m), rel=1e-14)
+    assert float(values[1, 0]) == pytest.approx(s * math.cos(m), rel=1e-14)
+    out[:, 0].sum().backward()
+    # d/dx s*cos(acos(x) + m) = s*sin(acos(x) + m) / sqrt(1 - x^2): held at its value at the edge
+    edge = s * math.sin(math.acos(ACOS_GRAD_EDGE) + m) / math.sqrt(1 - ACOS_GRAD_EDGE**2)
+    at_one = s * math.sin(m) / math.sqrt(1 - ACOS_GRAD_EDGE**2)
+    assert float(x.grad[2, 0]) == pytest.approx(edge, rel=1e-6)
+    assert float(x.grad[0, 0]) == pytest.approx(at_one, rel=1e-6) and float(x.grad[1, 0]) == pytest.approx(at_one, rel=1e-6)
+    assert at_one > 100  # neither zero (the old clamp) nor infinite (the exact derivative)
 
 
 def test_interclass_filtering_zeroes_hard_negatives_but_never_the_own_class():

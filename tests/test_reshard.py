@@ -155,3 +155,50 @@ def test_translate_position(saved, new, expected):
     global_batch, acc, steps_per_epoch = new
     pos = translate_position(epoch, batch, saved_batch, global_batch, acc, steps_per_epoch)
     assert (pos.epoch, pos.batch_in_epoch, pos.schedule_step) == expected
+
+
+@pytest.mark.parametrize("optimizer_name, row_keys", [("sgd", ["momentum_buffer"]), ("adamw", ["exp_avg", "exp_avg_sq", "row_step"])])
+def test_subcentre_rows_and_margin_state_move_with_their_classes(optimizer_name, row_keys):
+    from losses import get_margin
+
+    k = 2
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(3, DIM)
+    head = PartialFC(get_margin("adaface"), DIM, NUM_CLASSES, 0.5, num_subcenters=k, rank=0, world_size=1)
+    head.margin_loss.batch_mean.fill_(31.5)  # state a run would have reached
+    optimizer = build_optimizer(optimizer_name, backbone.parameters(), head.parameters(), lr=0.1, weight_decay=0.01)
+    for step, classes in enumerate(STEPS[:2]):  # sparse gradients over the K rows of some classes
+        rows = [c * k + j for c in classes for j in range(k)]
+        g = torch.Generator().manual_seed(step)
+        for p in backbone.parameters():
+            p.grad = torch.randn(p.shape, generator=g)
+        head.weight.grad = torch.sparse_coo_tensor(torch.tensor([rows]), torch.randn(len(rows), DIM, generator=g), head.weight.shape,
+                                                   check_invariants=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    full = copy.deepcopy({
+        "epoch": 0, "global_step": 2, "world_size": 1, "rank": 0, "state_dict_backbone": backbone.state_dict(),
+        "state_dict_softmax_fc": head.state_dict(), "partial_fc": head.shard_metadata(),
+        "state_optimizer": optimizer.state_dict(),
+    })
+    weight = full["state_dict_softmax_fc"]["weight"]
+    assert weight.shape[0] == NUM_CLASSES * k
+    three = split(full, 3)
+    for rank, state in enumerate(three):
+        start, count = shard_range(NUM_CLASSES, rank, 3)
+        assert state["partial_fc"]["num_subcenters"] == k and state["partial_fc"]["num_local"] == count
+        assert torch.equal(state["state_dict_softmax_fc"]["weight"], weight[start * k:(start + count) * k])
+        assert float(state["state_dict_softmax_fc"]["margin_loss.batch_mean"]) == 31.5
+        for key in row_keys:
+            assert torch.equal(_head_state(state)[key], _head_state(full)[key][start * k:(start + count) * k]), key
+        # a rank's state loads into that rank's head (strict: the margin state is there)
+        PartialFC(get_margin("adaface"), DIM, NUM_CLASSES, 0.5, num_subcenters=k, rank=rank, world_size=3).load_state_dict(
+            state["state_dict_softmax_fc"])
+    merged = merge(three)
+    assert torch.equal(merged["state_dict_softmax_fc"]["weight"], weight)
+    for key in row_keys:
+        assert torch.equal(_head_state(merged)[key], _head_state(full)[key])
+    # rows that are not num_local * K are refused
+    three[1]["state_dict_softmax_fc"]["weight"] = three[1]["state_dict_softmax_fc"]["weight"][:-1]
+    with pytest.raises(ckpt.CheckpointError, match="2 sub-centres each"):
+        merge(three)

@@ -72,7 +72,6 @@ _EXTRA_TYPES: dict[str, tuple[type, ...]] = {
 
 # Keys of older insightface releases that no longer mean anything; say what replaced them.
 _LEGACY_KEYS = {
-    "loss": "use margin_list, e.g. (1.0, 0.5, 0.0) for ArcFace or (1.0, 0.0, 0.4) for CosFace",
     "decay_epoch": "the learning rate follows the PolyScheduler (lr, num_epoch, warmup_epoch)",
     "lr_func": "the learning rate follows the PolyScheduler (lr, num_epoch, warmup_epoch)",
 }
@@ -191,8 +190,24 @@ def parse_override(arg: str) -> tuple[str, Any]:
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw
+        value = _keyword_dict(raw)
     return key, value
+
+
+def _keyword_dict(raw: str) -> Any:
+    """`dict(m=0.4, h=0.333)` (keyword arguments that are literals) as a dict; else `raw` unchanged."""
+    try:
+        node = ast.parse(raw, mode="eval").body
+    except SyntaxError:
+        return raw
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict") or node.args:
+        return raw
+    if any(kw.arg is None for kw in node.keywords):
+        return raw
+    try:
+        return {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+    except ValueError:
+        return raw
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> Config:
