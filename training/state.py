@@ -18,6 +18,8 @@ Keys, in the order they are written (rank 0 adds `state_dict_backbone`):
     rng                      python / numpy / torch (/ cuda) generator states of this rank
     run                      network, embedding_size, num_classes, global_batch_size,
                              gradient_acc, total_steps
+    state_dict_aux           only in runs with auxiliary loss terms (training.step): each
+                             term's state_dict by its name (every rank: no DDP syncs them)
     state_dict_backbone      rank 0 only: DDP gives the other ranks rank 0's weights
 
 Position arithmetic (the step plan, where a resumed run continues, possibly on another
@@ -208,8 +210,9 @@ class RunState:
     """
 
     def __init__(self, backbone, head, optimizer, scheduler, scaler, *, info: RunInfo, plan: StepPlan,
-                 rank: int, world_size: int, device: torch.device):
+                 rank: int, world_size: int, device: torch.device, aux_losses=()):
         self.backbone, self.head = backbone, head
+        self.aux_losses = list(aux_losses)  # training.step auxiliary terms (their trained weights)
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.info, self.plan = info, plan
         self.rank, self.world_size, self.device = rank, world_size, device
@@ -267,6 +270,8 @@ class RunState:
             "rng": ckpt.capture_rng_state(self.device),
             "run": self.info.as_dict(),
         }
+        if self.aux_losses:
+            state["state_dict_aux"] = {term.name: term.state_dict() for term in self.aux_losses}
         if self.rank == 0:
             state["state_dict_backbone"] = self.backbone.state_dict()
         return state
@@ -289,6 +294,10 @@ class RunState:
         if "state_dict_backbone" in checkpoint:
             load_state_dict_into(self.backbone, checkpoint["state_dict_backbone"], source, self.info.network)
         self.head.load_state_dict(checkpoint["state_dict_softmax_fc"], strict=True)
+        saved_aux = checkpoint.get("state_dict_aux") or {}
+        for term in self.aux_losses:
+            if term.name in saved_aux:
+                term.load_state_dict(saved_aux[term.name], strict=True)
         self.optimizer.load_state_dict(checkpoint["state_optimizer"])
         self.set_schedule_step(point.schedule_step)
         if self.scaler is not None and checkpoint.get("state_scaler"):

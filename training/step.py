@@ -24,7 +24,9 @@ parameters are trained with the backbone's: build the optimizer with
     build_optimizer(cfg.optimizer, trainable_parameters(backbone, aux), head.parameters(), ...)
 
 and they are clipped together with the backbone's. They are not inside DDP, so the step
-averages their gradients over the ranks itself before the optimizer step.
+averages their gradients over the ranks itself before the optimizer step. Pass the terms
+to `training.state.RunState` too: checkpoints then hold each term's `state_dict()` (keep
+a frozen teacher out of it, e.g. by not registering it as a submodule).
 """
 from __future__ import annotations
 
@@ -52,11 +54,12 @@ class AuxiliaryLoss(Protocol):
 
 
 def trainable_parameters(backbone: nn.Module, aux_losses: Sequence[nn.Module] = ()) -> list[nn.Parameter]:
-    """The backbone's parameters (in module order: insightface's optimizer indices), then the
-    auxiliary terms': the optimizer's backbone group and what the step clips."""
+    """The backbone's parameters (all, in module order: insightface's optimizer indices), then
+    the auxiliary terms' trainable ones (not a frozen teacher's): the optimizer's backbone
+    group and what the step clips."""
     params = list(backbone.parameters())
     for term in aux_losses:
-        params.extend(term.parameters())
+        params.extend(p for p in term.parameters() if p.requires_grad)
     return params
 
 
@@ -104,7 +107,7 @@ class TrainStep:
         self.aux_losses = list(aux_losses)
         self.channels_last = channels_last
         self.clip_params = trainable_parameters(backbone, self.aux_losses)
-        self.aux_params = [p for term in self.aux_losses for p in term.parameters()]
+        self.aux_params = self.clip_params[len(list(backbone.parameters())):]
         self.distributed = distributed
         self._micro = 0  # batches since the last optimizer step
         self._sums: dict[str, torch.Tensor] = {}
@@ -187,7 +190,8 @@ class TrainStep:
 
     def take_losses(self) -> dict[str, float]:
         """Mean of each loss over the batches since the last call ("loss" first, then the
-        auxiliary terms by name); reads the device, so call it at logging steps only."""
+        auxiliary terms by name); reads the device, so call it at logging steps only.
+        The head's loss is the global batch's; an auxiliary term's is this rank's batches'."""
         if not self._count:
             return {HEAD_LOSS: float("nan"), **{term.name: float("nan") for term in self.aux_losses}}
         means = {name: float(total) / self._count for name, total in self._sums.items()}
