@@ -416,3 +416,30 @@ def test_progress_metrics_go_to_the_log_line_and_tensorboard(tmp_path, caplog):
     scalars = {tag: events.Scalars(tag)[-1] for tag in events.Tags()["scalars"]}
     assert set(scalars) == {"train/loss", "train/distill", "train/lr", "train/samples_per_sec"}
     assert scalars["train/distill"].value == pytest.approx(0.056) and scalars["train/loss"].step == 10
+
+
+# --- pretrained weights -----------------------------------------------------------------------------
+
+def test_load_pretrained_backbone_and_class_centres(tmp_path):
+    from backbones.weights import WeightsError
+    from training.state import load_pretrained
+    from utils.checkpoint import CheckpointError
+
+    source, _, _ = _setup(seed=7)
+    torch.save({f"module.{k}": v for k, v in source.backbone.state_dict().items()}, tmp_path / "ddp.pth")
+    torch.save({"state_dict_softmax_fc": source.head.state_dict()}, tmp_path / "merged.pt")
+    state, _, _ = _setup(seed=0)
+    notes = load_pretrained(state.backbone, state.head, backbone_path=str(tmp_path / "ddp.pth"),
+                            head_path=str(tmp_path / "merged.pt"), network="tiny")
+    assert notes == [f"backbone initialised from {tmp_path / 'ddp.pth'}", f"class centres initialised from {tmp_path / 'merged.pt'}"]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(state.backbone, state.head), _weights(source.backbone, source.head)))
+
+    torch.save(TinyNet(batch_norm=False).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match=r"pretrained weights .*other.pth: the weights do not fit network 'tiny': missing: bn\."):
+        load_pretrained(state.backbone, state.head, backbone_path=str(tmp_path / "other.pth"), head_path=None, network="tiny")
+    torch.save({"weight": torch.zeros(CLASSES + 1, DIM)}, tmp_path / "wrong.pt")
+    with pytest.raises(TrainingInputError, match=r"wrong.pt has class centres of shape \(7, 8\), this run needs \(6, 8\)"):
+        load_pretrained(state.backbone, state.head, backbone_path=None, head_path=str(tmp_path / "wrong.pt"), network="tiny")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match="cannot read pretrained class centres .*corrupt.pt"):
+        load_pretrained(state.backbone, state.head, backbone_path=None, head_path=str(tmp_path / "corrupt.pt"), network="tiny")

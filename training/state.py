@@ -22,8 +22,8 @@ Keys, in the order they are written (rank 0 adds `state_dict_backbone`):
                              term's state_dict by its name (every rank: no DDP syncs them)
     state_dict_backbone      rank 0 only: DDP gives the other ranks rank 0's weights
 
-Position arithmetic (the step plan, where a resumed run continues, possibly on another
-global batch, and where its lr schedule and its end are) are plain functions below.
+The position arithmetic (the step plan, where a resumed run continues, possibly on another
+global batch, and where its lr schedule and its end are) is plain functions below.
 """
 from __future__ import annotations
 
