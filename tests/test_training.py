@@ -443,3 +443,12 @@ def test_load_pretrained_backbone_and_class_centres(tmp_path):
     (tmp_path / "corrupt.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="cannot read pretrained class centres .*corrupt.pt"):
         load_pretrained(state.backbone, state.head, backbone_path=None, head_path=str(tmp_path / "corrupt.pt"), network="tiny")
+
+
+def test_the_backbone_decides_channels_last():
+    from backbones.iresnet import IResNet
+    from backbones.mobilefacenet import MobileFaceNet
+    from backbones.vit import VisionTransformer
+
+    assert IResNet.prefers_channels_last and MobileFaceNet.prefers_channels_last
+    assert VisionTransformer.prefers_channels_last is False
