@@ -56,6 +56,10 @@ def _make_stage(in_channels: int, channels: int, num_blocks: int) -> nn.Sequenti
 class IResNet(nn.Module):
     """Input [N, 3, 112, 112] normalised RGB -> unnormalised embedding [N, num_features]."""
 
+    # Convolutions run faster on NHWC tensors (oneDNN and cuDNN); training uses it when
+    # the config's channels_last allows.
+    prefers_channels_last = True
+
     def __init__(
         self,
         blocks_per_stage: Sequence[int],

@@ -106,6 +106,9 @@ class VisionTransformer(nn.Module):
     filled with the learned `mask_token` so the head always sees the full 144-token grid.
     """
 
+    # One strided convolution, then token matmuls: NHWC gains nothing.
+    prefers_channels_last = False
+
     def __init__(self, dim: int, depth: int, drop_path_rate: float, mask_ratio: float,
                  dropout: float = 0.0, num_features: int = 512, fp16: bool = False,
                  gradient_checkpointing: bool = False, num_heads: int = NUM_HEADS):

@@ -76,7 +76,7 @@ def run_model(name: str, *, batch: int, batches: int, warmup: int, device, log=p
     inputs = [torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1 for _ in range(warmup + batches)]
     plain = _with_data_statistics(get_model(name, num_features=512), inputs[:2]).to(device)
     precision = default_precision(device)
-    channels_last = not name.startswith("vit")
+    channels_last = plain.prefers_channels_last  # the backbone decides, as in training
     fast = copy.deepcopy(plain)
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)

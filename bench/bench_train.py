@@ -5,9 +5,11 @@ clipping and the optimizer step, on the same batches from the same initial weigh
 
   reference   eager fp32, NCHW, torch.optim.SGD (its default implementation), the loss read
               on the host every step -- how insightface's arcface_torch trains on a CPU.
-  default     what train.py does by default: channels_last, autocast in the device's default
-              precision (bf16 on CPUs with bf16 units, fp16 + GradScaler on CUDA), fused SGD,
-              non-blocking host-to-device copies, no host synchronisation in the step.
+  default     train.py's own step (training.step.TrainStep, with its non-finite guard) with
+              train.py's defaults: channels_last where the backbone prefers it, autocast in
+              the device's default precision (bf16 on CPUs with bf16 units, fp16 + GradScaler
+              on CUDA), fused SGD, non-blocking host-to-device copies, no host
+              synchronisation in the step.
   compiled    default + torch.compile of the backbone (the config's compile=True).
 
 The paths' steps are interleaved (step i of every path, then step i+1), so other load on
@@ -21,7 +23,6 @@ Under torchrun each process runs the batch size given (the PartialFC head is sha
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import sys
@@ -39,14 +40,15 @@ CLIP_NORM = 5.0
 
 
 def _make_batches(count: int, batch: int, num_classes: int, seed: int, pin: bool):
-    """Normalised 112x112 RGB batches on the host (as the data loader delivers them)."""
+    """Normalised 112x112 RGB batches on the host, normalised as the data loader does it."""
     import torch
+
+    from dataset.transforms import normalize_batch
 
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
-        images = torch.randint(0, 256, (batch, 3, 112, 112), generator=g, dtype=torch.uint8)
-        images = images.float().div_(255).sub_(0.5).div_(0.5)
+        images = normalize_batch(torch.randint(0, 256, (batch, 3, 112, 112), generator=g, dtype=torch.uint8))
         labels = torch.randint(0, num_classes, (batch,), generator=g)
         if pin:
             images, labels = images.pin_memory(), labels.pin_memory()
@@ -61,22 +63,23 @@ class _Path:
         import torch
 
         from losses import CombinedMarginLoss, PartialFC
-        from utils.distributed import wrap_ddp
         from losses.optim import build_optimizer
+        from training.guard import NonFiniteGuard
+        from training.step import TrainStep, trainable_parameters
+        from utils.distributed import wrap_ddp
 
         self.kind, self.device, self.ctx = kind, device, ctx
         self.losses: list = []
         self.times: list[float] = []
         fast = kind != "reference"
         self.precision = default_precision(device) if fast else None
-        low = fast and self.precision.low_precision
         self.backbone = copy.deepcopy(backbone).to(device)
-        self.channels_last = fast and not type(backbone).__name__.lower().startswith("vit")
-        if self.channels_last:
+        channels_last = fast and self.backbone.prefers_channels_last  # as train.py decides it
+        if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.head = PartialFC(
             CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 512, NUM_CLASSES, 1.0,
-            matmul_dtype=self.precision.autocast_dtype if low else None,
+            matmul_dtype=self.precision.autocast_dtype if fast else None,
             rank=ctx.rank, world_size=ctx.world_size, check_labels=not (fast and device.type == "cuda"),
         ).to(device)
         with torch.no_grad():
@@ -85,31 +88,29 @@ class _Path:
         if ctx.is_distributed:
             model = wrap_ddp(model, ctx)
         self.model = model
-        if fast:
-            self.optimizer = build_optimizer(
-                "sgd", self.backbone.parameters(), self.head.parameters(), lr=0.1, weight_decay=5e-4,
-                momentum=0.9, device_type=device.type,
-            )
-        else:
+        self.backbone.train()
+        if not fast:
             self.optimizer = torch.optim.SGD(
                 [{"params": self.backbone.parameters()}, {"params": self.head.parameters()}],
                 lr=0.1, momentum=0.9, weight_decay=5e-4,
             )
-        use_scaler = fast and self.precision.use_grad_scaler
-        self.scaler = torch.amp.GradScaler(device.type) if use_scaler else None
-        self.backbone.train()
-
-    def autocast(self):
-        import torch
-
-        if self.precision is None or not self.precision.low_precision:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision.autocast_dtype)
+            return
+        optimizer = build_optimizer(
+            "sgd", trainable_parameters(self.backbone), self.head.parameters(), lr=0.1, weight_decay=5e-4,
+            momentum=0.9, device_type=device.type,
+        )
+        scaler = torch.amp.GradScaler(device.type) if self.precision.use_grad_scaler else None
+        self.train_step = TrainStep(
+            model, self.backbone, self.head, optimizer,
+            guard=NonFiniteGuard(0, device, self.backbone.buffers()),
+            autocast_dtype=self.precision.autocast_dtype, scaler=scaler, clip_grad_norm=CLIP_NORM,
+            channels_last=channels_last, distributed=ctx.is_distributed,
+        )
 
     def step(self, images, labels) -> None:
         import torch
 
-        if self.kind == "reference":
+        if self.kind == "reference":  # a plain eager fp32 step, written out
             images, labels = images.to(self.device), labels.to(self.device)
             loss = self.head(self.model(images), labels)
             loss.backward()
@@ -121,24 +122,8 @@ class _Path:
 
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
-            embeddings = self.model(images)
-        loss = self.head(embeddings, labels)
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), CLIP_NORM)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:  # train.py's non-finite guard: the decision stays on the device
-            self.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(loss.detach())
+        self.train_step(images, labels)  # train.py's step
+        self.losses.append(self.train_step.last_loss)  # on the device: read after the timing
 
 
 def _conv_share(runner: _Path, images, labels) -> dict:

@@ -38,25 +38,54 @@ def test_never_rises_or_goes_negative_past_max_steps():
     assert lrs[20:] == [0.0] * 20
 
 
-def test_resume_from_state_dict_continues_the_curve():
+def _run_state(max_steps, warmup, global_batch=4, steps_per_epoch=None):
+    """A RunState as train.py builds it, with a parameter-free backbone stand-in."""
+    from losses import CombinedMarginLoss, PartialFC
+    from training.state import RunInfo, RunState, StepPlan
+
+    backbone = torch.nn.Linear(2, 2)
+    head = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 2, 4)
+    opt = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}], lr=0.1)
+    sched = PolyScheduler(opt, 0.1, max_steps, warmup)
+    plan = StepPlan(steps_per_epoch or max_steps, max_steps, warmup)
+    info = RunInfo("linear", 2, 4, global_batch, 1, max_steps)
+    return RunState(backbone, head, opt, sched, None, info=info, plan=plan, rank=0, world_size=1,
+                    device=torch.device("cpu"))
+
+
+def _step(state, n):
+    """n optimizer steps as the training step takes them; the lr each one used."""
+    used = []
+    for _ in range(n):
+        used.append(state.optimizer.param_groups[0]["lr"])
+        state.optimizer.step()
+        state.scheduler.step()
+        state.count_batch()
+        state.count_step(state.plan.steps_per_epoch)
+    return used
+
+
+def test_resume_through_the_run_state_continues_the_curve():
     full = _lrs(0.1, 30, 4, 30)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched = PolyScheduler(opt, 0.1, 30, 4)
-    for _ in range(12):
-        opt.step()
-        sched.step()
-    state = sched.state_dict()
-    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-    sched2 = PolyScheduler(opt2, 0.1, 30, 4)
-    sched2.load_state_dict(state)
-    # load_state_dict restores the counter; the optimizer's lr follows at the next step
-    rest = []
-    for _ in range(18):
-        opt2.param_groups[0]["lr"] = sched2.lr_at(sched2.last_epoch)
-        rest.append(opt2.param_groups[0]["lr"])
-        opt2.step()
-        sched2.step()
-    assert rest == pytest.approx(full[12:])
+    first = _run_state(30, 4)
+    assert _step(first, 12) == pytest.approx(full[:12])
+    resumed = _run_state(30, 4)
+    resumed.load_state_dict(first.state_dict())  # train.py's resume path; no lr is set by hand
+    assert resumed.schedule_step == 12 and resumed.total_steps == 30
+    assert _step(resumed, 18) == pytest.approx(full[12:])
+    assert resumed.optimizer.param_groups[0]["lr"] == 0.0  # past the plan
+
+
+def test_resume_on_another_global_batch_continues_the_new_plans_curve():
+    # saved at batch 12 of 4 samples (48 samples); the new run has batches of 8: 15 steps
+    # per epoch, and continues at its step 6 with 9 steps left
+    first = _run_state(30, 4)
+    _step(first, 12)
+    resumed = _run_state(15, 2, global_batch=8)
+    point = resumed.load_state_dict(first.state_dict())
+    assert (point.position.batch_in_epoch, point.schedule_step, point.total_steps) == (6, 6, 21)
+    assert _step(resumed, 9) == pytest.approx(_lrs(0.1, 15, 2, 15)[6:])
+    assert resumed.position.global_step == resumed.total_steps == 21
 
 
 def test_plan_steps_matches_insightface_arithmetic():

@@ -295,3 +295,43 @@ def test_sgd_gives_a_zero_momentum_buffer_before_a_step_the_device_may_skip():
     optimizer.found_inf = torch.zeros(())
     optimizer._before_dense_step()
     assert torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])  # dense and sparse-row class-centre gradients
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_grad_scaler_unscale_clip_and_step_as_the_training_step_calls_them(name, sample_rate):
+    """training.step.TrainStep with a GradScaler: the scaled loss's gradients are unscaled
+    (scaler.unscale_) before clipping, then scaler.step hands the fused optimizer the inf
+    flag. The updates equal those of the same step without a scaler; an overflowing scale
+    updates nothing, and the scaler lowers it."""
+    from training.guard import NonFiniteGuard
+    from training.step import TrainStep
+
+    clip = 0.05
+
+    def run(scaler, clip_norm=clip, steps=3):
+        torch.manual_seed(0)
+        backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 8))
+        head = PartialFC(CombinedMarginLoss(16.0, 1.0, 0.3, 0.0), 8, 10, sample_rate)
+        opt = build_optimizer(name, backbone.parameters(), head.parameters(), lr=0.05, weight_decay=5e-4)
+        guard = NonFiniteGuard(0, torch.device("cpu"), backbone.buffers())
+        step = TrainStep(backbone, backbone, head, opt, guard=guard, scaler=scaler, clip_grad_norm=clip_norm)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            assert step(torch.randn(4, 3, 2, 2, generator=g), torch.randint(0, 10, (4,), generator=g))
+        return [p.detach().clone() for p in [*backbone.parameters(), *head.parameters()]], guard
+
+    plain, _ = run(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    scaled, _ = run(scaler)
+    assert scaler.get_scale() == 2.0**13  # three steps without overflow, each one grew it
+    for a, b in zip(scaled, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    unclipped, _ = run(None, clip_norm=0.0)
+    assert any(not torch.allclose(a, b) for a, b in zip(unclipped, plain))  # the clip was active
+
+    before, _ = run(None, steps=0)
+    overflow = torch.amp.GradScaler("cpu", init_scale=3e38)  # loss * scale is inf
+    after, guard = run(overflow, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert overflow.get_scale() == pytest.approx(1.5e38) and int(guard.skipped) == 0  # the loss itself was finite

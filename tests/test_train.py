@@ -148,7 +148,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(rec, tmp_path):
         (["--network=r51"], "unknown network 'r51'; valid networks: "),
         (["--num_classes=10"], "num_classes=10 in the config but the data set"),
         (["--num_image=50"], "num_image=50 in the config disagrees with the data set"),
-        (["--batch_size=64"], "64"),
+        (["--batch_size=64"], "error: num_image=48 gives no optimizer step per epoch with a global batch of 64 and gradient_acc=1"),
         (["--sample_rate=1.5"], "sample_rate must be in (0, 1], got 1.5"),
     ],
 )
