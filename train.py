@@ -143,10 +143,12 @@ def train(cfg: Config, ctx: DistContext) -> int:
     from utils.lr_scheduler import PolyScheduler, plan_steps
     from eval.onnx_export import export_onnx
     from losses.optim import build_optimizer
+    from utils import run_identity
 
     device = ctx.device
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = bool(cfg.resume) or restarted  # an elastic restart always continues its own run
+    identity = run_identity.of_this_launch(cfg, ctx)
+    # An elastic restart of this job (on any node) continues its own run.
+    resume = bool(cfg.resume) or run_identity.continues_this_run(cfg.output, identity, ctx)
     logger = setup_logging(None, ctx.rank)  # console only until every check has passed
     notes: list[str] = []  # said once the log file exists
 
@@ -257,6 +259,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
     if ctx.is_main:
         add_file_handler(logger, os.path.join(cfg.output, "training.log"))
         save_config(cfg, os.path.join(cfg.output, "config.json"))
+        run_identity.record(cfg.output, identity)
         logger.info("config %s\n%s", cfg.config_file, format_config(cfg))
         logger.info(
             "world size %d (%s, %s) | global batch %d | %d steps per epoch | total_step %d | warmup_step %d | precision %s",
@@ -354,11 +357,10 @@ def train(cfg: Config, ctx: DistContext) -> int:
         if ctx.is_main:
             state["state_dict_backbone"] = backbone_module.state_dict()
         path = ckpt.save_set(
-            cfg.output, global_step, state, ctx, keep=cfg.keep_checkpoints,
-            mirror_top_level=cfg.save_all_states, logger=logger,
+            cfg.output, global_step, state, ctx, keep=cfg.keep_checkpoints, mirror_top_level=cfg.save_all_states,
+            main_files={"model.pt": state["state_dict_backbone"]} if ctx.is_main else None, logger=logger,
         )
         if ctx.is_main:
-            ckpt.atomic_save(backbone_module.state_dict(), os.path.join(cfg.output, "model.pt"))
             logger.info("checkpoint saved: %s", path)
 
     if cfg.eval_at_start and global_step == 0:
@@ -446,11 +448,12 @@ def train(cfg: Config, ctx: DistContext) -> int:
     # ---- final evaluation, weights and ONNX
     if last_eval_step != global_step:
         last_eval = verification(global_step, backbone_module)
+    final_files = ckpt.save_final(
+        cfg.output, ctx, {"model.pt": backbone_module.state_dict()},
+        exports={"model.onnx": lambda path: export_onnx(backbone_module, path)},
+    )
     if ctx.is_main:
-        model_path = os.path.join(cfg.output, "model.pt")
-        ckpt.atomic_save(backbone_module.state_dict(), model_path)
-        onnx_path = export_onnx(backbone_module, os.path.join(cfg.output, "model.onnx"))
-        logger.info("saved %s and %s", model_path, onnx_path)
+        logger.info("saved %s", " and ".join(map(str, final_files)))
         _log_summary(logger, first_eval, last_eval, global_step)
     if writer is not None:
         writer.close()

@@ -9,6 +9,7 @@ An exception in any worker fails the calling test with that worker's traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue as queue_module
@@ -119,3 +120,21 @@ def run_script(args, *, cwd=REPO_ROOT, env=None, timeout=600, check=True):
 
 
 PYTHON = sys.executable
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A real file-size limit (RLIMIT_FSIZE) on this process while the block runs.
+
+    Python ignores SIGXFSZ, so a write that would grow a file beyond `nbytes` fails with
+    EFBIG ("File too large") as on a full quota; torch.save reports it as a RuntimeError
+    of its zip writer. Only the soft limit is lowered, so it can be raised back.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
