@@ -11,8 +11,11 @@ Layout under the output folder:
 Every file is written to a temporary name, fsynced and renamed, so a crash never
 leaves a half-written file under a final name. A set counts as complete only
 once its manifest exists, and rank 0 writes the manifest only after every rank
-reported a successful write. Old sets are deleted only after a newer one is
-complete, so the newest complete set always survives a failed save.
+reported a successful write. model.pt and the top-level mirrors are replaced only
+after that, together. Old sets are deleted only after a newer one is complete, so
+the newest complete set always survives a failed save. Every write is voted on
+(utils.distributed.first_error): a failure of any kind on one rank stops every rank
+with the same CheckpointError, never one rank while the others wait.
 
 A rank file is a dict of tensors and plain values, loadable with
 torch.load(weights_only=True). Keys follow insightface's checkpoint_gpu_{rank}.pt
