@@ -174,6 +174,8 @@ def _load_with_a_fault(ctx, folder, fault):
         torch.save(_state(5, 1), newest)
     if ctx.rank == 1 and fault == "missing key":
         torch.save({k: v for k, v in _state(6, 1).items() if k != "w"}, newest)
+    if ctx.rank == 1 and fault == "wrong shape":
+        torch.save(dict(_state(6, 1), w=torch.zeros(4)), newest)
     ctx.barrier()
 
     def loader(cset, ctx, map_location):
@@ -181,13 +183,19 @@ def _load_with_a_fault(ctx, folder, fault):
         state["w"].add_(0)  # a KeyError when the file lacks it, as re-sharding meets one
         return state
 
+    model = torch.nn.Module()
+    model.register_buffer("w", torch.zeros(3))
+
+    def fits(state, cset):  # what the training script checks before it takes a state
+        model.load_state_dict({"w": state["w"]}, strict=True)
+
     warnings = []
 
     class Log:
         def warning(self, message):
             warnings.append(message)
 
-    state, cset = ckpt.load_newest(folder, ctx, Log(), loader=loader)
+    state, cset = ckpt.load_newest(folder, ctx, Log(), loader=loader, check=fits)
     return cset.step, int(state["global_step"]), warnings
 
 
@@ -196,6 +204,7 @@ def _load_with_a_fault(ctx, folder, fault):
     [
         ("missing key", "step_000000006 cannot be used on rank 1: KeyError: 'w'"),
         ("other step", "are of different steps (5 to 6): they are not one set"),
+        ("wrong shape", "step_000000006 cannot be used on rank 1: RuntimeError: Error(s) in loading state_dict"),
     ],
 )
 def test_ranks_fall_back_together_from_a_malformed_set(tmp_path, fault, reason):
