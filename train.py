@@ -88,8 +88,11 @@ def train(cfg: Config, ctx: DistContext) -> int:
     from training.progress import ProgressReport, TensorBoardTracker
     from training.step import TrainStep
 
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    resume = bool(cfg.resume) or restarted  # an elastic restart always continues its own run
+    from utils import run_identity
+
+    identity = run_identity.of_this_launch(cfg, ctx)
+    # An elastic restart of this job (on any node, whatever its local restart count) continues its own run.
+    resume = bool(cfg.resume) or run_identity.continues_this_run(cfg.output, identity, ctx)
     logger = setup_logging(None, ctx.rank)  # console only until every check has passed
 
     # ---- phase 1: everything that can refuse the run, before anything is written or changed
@@ -138,8 +141,8 @@ def train(cfg: Config, ctx: DistContext) -> int:
     # ---- final evaluation, weights and ONNX
     if last_eval_step != global_step:
         last_eval = verification(global_step, state.backbone)
+    _export(cfg, ctx, state.backbone, logger)
     if ctx.is_main:
-        _export(cfg, state.backbone, logger)
         _log_summary(logger, first_eval, last_eval, global_step)
     if writer is not None:
         writer.close()
@@ -380,6 +383,7 @@ def _open_output(cfg: Config, ctx: DistContext, logger, state, precision: Precis
         return None
     add_file_handler(logger, os.path.join(cfg.output, "training.log"))
     save_config(cfg, os.path.join(cfg.output, "config.json"))
+    run_identity.record(cfg.output, identity)
     logger.info("config %s\n%s", cfg.config_file, format_config(cfg))
     logger.info(
         "world size %d (%s, %s) | global batch %d | %d steps per epoch | total_step %d | warmup_step %d | precision %s",
@@ -416,29 +420,35 @@ def _verification(cfg: Config, ctx: DistContext, writer, logger, precision: Prec
 
 
 def _save_checkpoint(cfg: Config, ctx: DistContext, state, guard, logger) -> None:
-    """Save the run's state as a checkpoint set (collective), unless the latest step was skipped."""
+    """Save the run's state as a checkpoint set, with rank 0's model.pt (collective, voted on).
+
+    Also after a skipped (non-finite) step: the guard kept the weights and optimizer state
+    unchanged and check() has put back the BatchNorm statistics, so the state at this
+    position is the last good one -- exactly what an uninterrupted run continues from,
+    since it too moves on past the skipped batch.
+    """
     step = state.position.global_step
-    if any_rank(guard.check(step), ctx):
-        if ctx.is_main:
-            logger.warning("step %d was skipped (non-finite loss or gradient): no checkpoint written, the previous one is kept", step)
-        return
+    if any_rank(guard.check(step), ctx) and ctx.is_main:
+        logger.warning("step %d was skipped (non-finite loss or gradient): the checkpoint holds the weights before it", step)
+    run_state = state.state_dict()
     path = ckpt.save_set(
-        cfg.output, step, state.state_dict(), ctx, keep=cfg.keep_checkpoints,
-        mirror_top_level=cfg.save_all_states, logger=logger,
+        cfg.output, step, run_state, ctx, keep=cfg.keep_checkpoints, mirror_top_level=cfg.save_all_states,
+        main_files={"model.pt": run_state["state_dict_backbone"]} if ctx.is_main else None, logger=logger,
     )
     if ctx.is_main:
-        ckpt.atomic_save(state.backbone.state_dict(), os.path.join(cfg.output, "model.pt"))
         logger.info("checkpoint saved: %s", path)
 
 
-def _export(cfg: Config, backbone, logger) -> None:
-    """model.pt (the plain backbone state_dict) and model.onnx."""
+def _export(cfg: Config, ctx: DistContext, backbone, logger) -> None:
+    """model.pt (the plain backbone state_dict) and model.onnx (collective, voted on)."""
     from eval.onnx_export import export_onnx
 
-    model_path = os.path.join(cfg.output, "model.pt")
-    ckpt.atomic_save(backbone.state_dict(), model_path)
-    onnx_path = export_onnx(backbone, os.path.join(cfg.output, "model.onnx"))
-    logger.info("saved %s and %s", model_path, onnx_path)
+    final_files = ckpt.save_final(
+        cfg.output, ctx, {"model.pt": backbone.state_dict()},
+        exports={"model.onnx": lambda path: export_onnx(backbone, path)},
+    )
+    if ctx.is_main:
+        logger.info("saved %s", " and ".join(map(str, final_files)))
 
 
 def _log_summary(logger, first_eval, last_eval, step) -> None:

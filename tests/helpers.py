@@ -9,6 +9,7 @@ An exception in any worker fails the calling test with that worker's traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import queue as queue_module
@@ -119,3 +120,123 @@ def run_script(args, *, cwd=REPO_ROOT, env=None, timeout=600, check=True):
 
 
 PYTHON = sys.executable
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A real file-size limit (RLIMIT_FSIZE) on this process while the block runs.
+
+    Python ignores SIGXFSZ, so a write that would grow a file beyond `nbytes` fails with
+    EFBIG ("File too large") as on a full quota; torch.save reports it as a RuntimeError
+    of its zip writer. Only the soft limit is lowered, so it can be raised back.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def workers_of(agent_pid: int) -> dict[int, int]:
+    """{global rank: pid} of the train.py workers that torchrun agent `agent_pid` started."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == agent_pid and b"train.py" in cmdline:
+            rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+            if rank is not None:
+                found[rank] = int(entry.name)
+    return found
+
+
+class Transcript:
+    """The output lines of one or more launched processes, read by reader threads, so that a
+    test can wait for a line (with a deadline) while several processes run side by side."""
+
+    def __init__(self):
+        import threading
+
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.running = 0
+
+    def text(self) -> str:
+        with self.changed:
+            return "".join(self.lines)
+
+    def count(self, pattern: str) -> int:
+        import re
+
+        with self.changed:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+    def wait_for(self, pattern: str, *, times: int = 1, timeout: float = 240) -> bool:
+        """True once `times` lines matched `pattern`; False when every process ended first or the deadline passed."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while self.count(pattern) < times:
+                left = deadline - time.monotonic()
+                if self.running == 0 or left <= 0:
+                    return False
+                self.changed.wait(left)
+        return True
+
+
+class Launched:
+    """A process whose merged stdout/stderr goes line by line into `transcript` (its own by default)."""
+
+    def __init__(self, args, *, env=None, cwd=REPO_ROOT, transcript: Transcript | None = None):
+        import threading
+
+        full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+        self.transcript = transcript or Transcript()
+        self.lines: list[str] = []
+        with self.transcript.changed:
+            self.transcript.running += 1
+        self.proc = subprocess.Popen(
+            [str(a) for a in args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        t = self.transcript
+        for line in self.proc.stdout:
+            with t.changed:
+                self.lines.append(line)
+                t.lines.append(line)
+                t.changed.notify_all()
+        self.proc.wait()
+        with t.changed:
+            t.running -= 1
+            t.changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self.transcript.changed:
+            return "".join(self.lines)
+
+    def finish(self, timeout: float = 240) -> int:
+        """Wait for the exit (terminating the process, then killing it, if it runs past `timeout`)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(timeout=10)
+        return self.proc.returncode

@@ -11,8 +11,11 @@ Layout under the output folder:
 Every file is written to a temporary name, fsynced and renamed, so a crash never
 leaves a half-written file under a final name. A set counts as complete only
 once its manifest exists, and rank 0 writes the manifest only after every rank
-reported a successful write. Old sets are deleted only after a newer one is
-complete, so the newest complete set always survives a failed save.
+reported a successful write. model.pt and the top-level mirrors are replaced only
+after that, together. Old sets are deleted only after a newer one is complete, so
+the newest complete set always survives a failed save. Every write is voted on
+(utils.distributed.first_error): a failure of any kind on one rank stops every rank
+with the same CheckpointError, never one rank while the others wait.
 
 A rank file is a dict of tensors and plain values, loadable with
 torch.load(weights_only=True). Keys follow insightface's checkpoint_gpu_{rank}.pt
@@ -34,11 +37,12 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
-from utils.distributed import DistContext, any_rank
+from utils.distributed import DistContext, broadcast_object, first_error, same_on_every_rank
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -213,52 +217,181 @@ def save_set(
     *,
     keep: int = 2,
     mirror_top_level: bool = False,
+    main_files: dict[str, object] | None = None,
     logger=None,
 ) -> Path:
-    """Write this rank's `state` into the set for `step`; rank 0 completes it with the manifest.
+    """Write every file of checkpoint step `step`; collective, every rank passes its own `state`.
 
-    Collective: every rank must call it. Raises CheckpointError on every rank if any
-    rank failed to write (the incomplete set is removed; earlier sets are untouched).
+    In order: each rank's file into checkpoints/step_N/; rank 0's `main_files` ({name: object
+    for torch.save} in `output`, e.g. {"model.pt": backbone state_dict}) and, with
+    `mirror_top_level`, every rank's output/checkpoint_gpu_{rank}.pt, both under temporary
+    names; the manifest (from here on the set is complete); then the temporary files
+    replace the top-level ones together, mirrors of ranks beyond this world size are
+    removed, and old sets are pruned to `keep`.
+
+    Any exception on any rank while writing (an OSError, or torch's zip writer failing with
+    "unexpected pos" when the disk fills or a file-size limit is hit) is voted on: every rank
+    raises the same CheckpointError, `checkpoint step_N not written on rank R: <cause>:
+    <file>`, within one collective call. The new set is then removed and no top-level
+    file replaced, so the previous complete set and model.pt stay as they were.
     """
-    set_dir = Path(output) / CHECKPOINT_DIR / set_dirname(step)
+    output = Path(output)
+    set_dir = output / CHECKPOINT_DIR / set_dirname(step)
     if ctx.is_main and set_dir.exists():
         # Left by an attempt that crashed mid-save, or by a timeline abandoned on resume:
         # its files must not mix with this save's.
         shutil.rmtree(set_dir, ignore_errors=True)
     ctx.barrier()
-    error = None
-    try:
-        set_dir.mkdir(parents=True, exist_ok=True)
-        atomic_save({**state, "format_version": FORMAT_VERSION}, set_dir / rank_filename(ctx.rank))
-    except OSError as exc:
-        error = f"rank {ctx.rank} could not write {set_dir / rank_filename(ctx.rank)}: {exc.strerror or exc}"
-        if logger is not None:
+    staged: list[tuple[Path, Path]] = []  # (temporary, final) top-level files of this step
+
+    def give_up(error: str, remove_set: bool):
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if ctx.is_main and remove_set:
+            shutil.rmtree(set_dir, ignore_errors=True)
+        ctx.barrier()
+        if logger is not None and ctx.is_main:
             logger.error(error)
-    if any_rank(error is not None, ctx):
-        if ctx.is_main:
-            shutil.rmtree(set_dir, ignore_errors=True)
-        ctx.barrier()
-        raise CheckpointError(error or f"another rank failed to write its part of {set_dir}; it was removed")
+        return CheckpointError(error)
 
-    if ctx.is_main:
-        try:
-            atomic_write_text(_manifest(step, state, ctx.world_size), set_dir / MANIFEST)
-            error = None
-        except OSError as exc:
-            error = f"could not write {set_dir / MANIFEST}: {exc.strerror or exc}"
-    if any_rank(error is not None, ctx):
-        if ctx.is_main:
-            shutil.rmtree(set_dir, ignore_errors=True)
-        ctx.barrier()
-        raise CheckpointError(error or f"rank 0 could not complete {set_dir}")
-
-    # Only now, with a newer complete set on disk, may older ones go.
+    # 1. every rank's part, and the top-level files under temporary names
+    rank_file = set_dir / rank_filename(ctx.rank)
+    writes = [(rank_file, lambda: _write_rank_file(state, set_dir, rank_file))]
     if mirror_top_level:
-        _mirror(set_dir, Path(output), ctx.rank)
+        mirror = output / rank_filename(ctx.rank)
+        writes.append((mirror, lambda: staged.append(_stage_link(rank_file, mirror))))
+    if ctx.is_main:
+        for name, obj in (main_files or {}).items():
+            writes.append((output / name, lambda obj=obj, final=output / name: staged.append(_stage_save(obj, final))))
+    what = f"checkpoint {set_dir.name} not written"
+    error = first_error(_first_failure(writes, f"{what} on rank {ctx.rank}"), ctx)
+    if error is not None:
+        raise give_up(error, remove_set=True)
+
+    # 2. the manifest makes the set complete
+    manifest = set_dir / MANIFEST
+    writes = [(manifest, lambda: atomic_write_text(_manifest(step, state, ctx.world_size), manifest))] if ctx.is_main else []
+    error = first_error(_first_failure(writes, f"{what} on rank {ctx.rank}"), ctx)
+    if error is not None:
+        raise give_up(error, remove_set=True)
+
+    # 3. the top-level files, replaced together now that the set they belong to is complete
+    writes = [(final, lambda tmp=tmp, final=final: _replace(tmp, final)) for tmp, final in staged]
+    if mirror_top_level and ctx.is_main:
+        writes.append((output, lambda: _remove_mirrors_beyond(output, ctx.world_size)))
+    error = first_error(_first_failure(writes, f"checkpoint {set_dir.name} is complete but not exposed on rank {ctx.rank}"), ctx)
+    if error is not None:
+        if mirror_top_level:  # a mixed set of mirrors must not stay: remove them all
+            (output / rank_filename(ctx.rank)).unlink(missing_ok=True)
+        raise give_up(error, remove_set=False)
+
+    # 4. only now, with a newer complete set on disk, may older ones go
     ctx.barrier()
     if ctx.is_main:
-        prune(output, keep)
+        try:
+            prune(output, keep)
+        except Exception as exc:  # old sets left behind cost space, not correctness
+            if logger is not None:
+                logger.warning(f"could not remove old checkpoint sets in {output / CHECKPOINT_DIR}: {_cause(exc)}")
     return set_dir
+
+
+def save_final(
+    output: str | os.PathLike,
+    ctx: DistContext,
+    files: dict[str, object],
+    *,
+    exports: dict[str, Callable[[Path], object]] | None = None,
+) -> list[Path]:
+    """Rank 0 writes the run's final files into `output`; collective, every rank calls it.
+
+    `files` are saved with torch.save ({"model.pt": backbone state_dict}); each of
+    `exports` ({"model.onnx": export(path)}) is called with its path and must write it
+    atomically. Any exception is voted on like a checkpoint write: every rank raises the
+    same CheckpointError, `final weights not written on rank 0: <cause>: <file>`.
+    """
+    output = Path(output)
+    written: list[Path] = []
+    writes = []
+    if ctx.is_main:
+        for name, obj in files.items():
+            writes.append((output / name, lambda obj=obj, path=output / name: (atomic_save(obj, path), written.append(path))))
+        for name, export in (exports or {}).items():
+            writes.append((output / name, lambda export=export, path=output / name: (export(path), written.append(path))))
+    error = first_error(_first_failure(writes, f"final weights not written on rank {ctx.rank}"), ctx)
+    if error is not None:
+        raise CheckpointError(error)
+    return written
+
+
+def _write_rank_file(state: dict, set_dir: Path, path: Path) -> None:
+    set_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save({**state, "format_version": FORMAT_VERSION}, path)
+
+
+def _first_failure(writes: list[tuple[Path, Callable[[], object]]], what: str) -> str | None:
+    """Run the writes in order; the first failure as one line `<what>: <cause>: <file>`."""
+    for path, write in writes:
+        try:
+            write()
+        except Exception as exc:  # whatever the type: it becomes this rank's vote
+            return f"{what}: {_cause(exc)}: {path}"
+    return None
+
+
+def _cause(exc: BaseException) -> str:
+    """Why a write failed, in one line.
+
+    torch.save reports a failed write of its zip writer as RuntimeError("[enforce fail at
+    inline_container.cc] ... unexpected pos ..."); the OSError behind it (no space left on
+    device, file too large) is its __context__, and says more.
+    """
+    seen, depth = exc, 0
+    while seen is not None and depth < 8:
+        if isinstance(seen, OSError) and seen.strerror:
+            return f"[Errno {seen.errno}] {seen.strerror}" if seen.errno else seen.strerror
+        seen, depth = seen.__cause__ or seen.__context__, depth + 1
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _staging_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.staged-{os.getpid()}")
+
+
+def _stage_save(obj, final: Path) -> tuple[Path, Path]:
+    tmp = _staging_name(final)
+    atomic_save(obj, tmp)
+    return tmp, final
+
+
+def _stage_link(src: Path, final: Path) -> tuple[Path, Path]:
+    """The set's rank file under a temporary name beside `final` (insightface's place for it)."""
+    tmp = _staging_name(final)
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # set files are never modified again, so a hard link is safe
+    except OSError:
+        try:
+            shutil.copyfile(src, tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    return tmp, final
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _remove_mirrors_beyond(output: Path, world_size: int) -> None:
+    """Mirrors of ranks that this run does not have (a larger earlier world size): they would
+    make the top-level files look like a set of another size."""
+    for path in output.glob("checkpoint_gpu_*.pt"):
+        m = re.fullmatch(r"checkpoint_gpu_(\d+)\.pt", path.name)
+        if m and int(m.group(1)) >= world_size:
+            path.unlink(missing_ok=True)
 
 
 def write_set(output: str | os.PathLike, step: int, states: list[dict]) -> Path:
@@ -275,23 +408,10 @@ def write_set(output: str | os.PathLike, step: int, states: list[dict]) -> Path:
         for rank, state in enumerate(states):
             atomic_save({**state, "format_version": FORMAT_VERSION}, set_dir / rank_filename(rank))
         atomic_write_text(_manifest(step, states[0], len(states)), set_dir / MANIFEST)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(set_dir, ignore_errors=True)
-        raise CheckpointError(f"could not write {set_dir}: {exc.strerror or exc}") from None
+        raise CheckpointError(f"could not write {set_dir}: {_cause(exc)}") from None
     return set_dir
-
-
-def _mirror(set_dir: Path, output: Path, rank: int) -> None:
-    """Expose the set's rank file as output/checkpoint_gpu_{rank}.pt (insightface's place)."""
-    src = set_dir / rank_filename(rank)
-    dst = output / rank_filename(rank)
-    tmp = output / f".{dst.name}.tmp-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)  # set files are never modified again, so a hard link is safe
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def set_aside_newer(output: str | os.PathLike, step: int) -> list[Path]:
@@ -349,27 +469,60 @@ def candidate_sets(output: str | os.PathLike) -> list[CheckpointSet]:
     return complete + ([legacy] if legacy else [])
 
 
-def load_newest(output: str | os.PathLike, ctx: DistContext, logger=None, map_location="cpu", loader=None):
-    """Load this rank's state from the newest set that every rank can read.
+def load_newest(
+    output: str | os.PathLike, ctx: DistContext, logger=None, map_location="cpu", loader=None, check=None
+):
+    """Load this rank's state from the newest set that every rank can read; collective.
 
-    Collective. `loader(checkpoint_set, ctx) -> state` reads this rank's part (the
-    default reads its own rank file from a set saved with the same world size). A
-    corrupt or unreadable newest set falls back to the previous one with a warning.
-    Returns (state, checkpoint_set) or (None, None) when there is nothing to resume.
+    Rank 0 lists the candidate sets and every rank walks that one list (nodes whose views
+    of a shared file system differ still try the same sets in the same order).
+    `loader(checkpoint_set, ctx, map_location) -> state` reads this rank's part (the
+    default reads its own rank file from a set saved with the same world size);
+    `check(state, checkpoint_set)`, if given, may refuse a loaded state by raising. Any
+    exception of either on any rank (a corrupt file, a KeyError or a shape error in a
+    readable but malformed one) is voted on, and so is the step: every rank must hold the
+    same global_step. A set that fails on any rank is skipped by every rank with a warning
+    naming the file and the reason (on every rank, the same line), and the next older set
+    is tried. Returns (state, checkpoint_set), or (None, None) when there is no set at all;
+    raises CheckpointError on every rank when there are sets but none can be used.
     """
     loader = loader or _load_same_world_size
-    sets = candidate_sets(output)
-    # Rank 0 decides the order; every rank walks the same list.
+    sets, error = None, None
+    if ctx.is_main:
+        try:
+            sets = candidate_sets(output)
+        except Exception as exc:
+            error = f"cannot list the checkpoints in {output}: {_cause(exc)}"
+    sets, error = broadcast_object((sets, error), ctx)
+    if error is not None:
+        raise CheckpointError(error)
+    skipped = []
     for cset in sets:
         state, error = None, None
         try:
             state = loader(cset, ctx, map_location)
+            if check is not None:
+                check(state, cset)
+            step = int(state["global_step"])
         except CheckpointError as exc:
             error = str(exc)
-        if not any_rank(error is not None, ctx):
+        except Exception as exc:
+            error = f"{cset.path} cannot be used on rank {ctx.rank}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        error = first_error(error, ctx)
+        if error is None:
+            low, high = same_on_every_rank(step, ctx)
+            if low != high:
+                error = f"the rank files of {cset.path} are of different steps ({low} to {high}): they are not one set"
+        if error is None:
             return state, cset
-        if logger is not None and ctx.is_main:
-            logger.warning(f"cannot resume from {cset.path}: {error or 'another rank could not read its file'}; trying an older checkpoint")
+        skipped.append(error)
+        if logger is not None:
+            logger.warning(f"cannot resume from {cset.path}: {error}; trying an older checkpoint")
+    if sets:
+        raise CheckpointError(
+            f"none of the checkpoints in {output} can be read ({'; '.join(skipped)}); "
+            f"move them away to start a new run there"
+        )
     return None, None
 
 
