@@ -24,6 +24,7 @@ import torch
 
 from training.errors import TrainingInputError
 from utils import checkpoint as ckpt
+from utils import run_identity
 from utils.amp import Precision, resolve_precision
 from utils.config import Config, ConfigError, format_config, load_config, save_config
 from utils.distributed import DeviceError, DistContext, any_rank, cleanup_distributed, init_distributed, wrap_ddp
@@ -88,8 +89,6 @@ def train(cfg: Config, ctx: DistContext) -> int:
     from training.progress import ProgressReport, TensorBoardTracker
     from training.step import TrainStep
 
-    from utils import run_identity
-
     identity = run_identity.of_this_launch(cfg, ctx)
     # An elastic restart of this job (on any node, whatever its local restart count) continues its own run.
     resume = bool(cfg.resume) or run_identity.continues_this_run(cfg.output, identity, ctx)
@@ -104,7 +103,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
     notes, skipped_sets, resumed_set = _resume_or_initialise(cfg, ctx, state, resume)
 
     # ---- phase 2: the run is accepted; create the output folder and the log
-    writer = _open_output(cfg, ctx, logger, state, precision, notes, skipped_sets, resumed_set)
+    writer = _open_output(cfg, ctx, logger, state, precision, notes, skipped_sets, resumed_set, identity)
     model = torch.compile(state.backbone) if cfg.compile else state.backbone
     if ctx.is_distributed:
         # DDP broadcasts rank 0's weights now, so only rank 0 needs to load them on resume.
@@ -374,7 +373,8 @@ def _resume_or_initialise(cfg: Config, ctx: DistContext, state, resume: bool):
     return notes, skipped_sets, resumed_set
 
 
-def _open_output(cfg: Config, ctx: DistContext, logger, state, precision: Precision, notes, skipped_sets, resumed_set):
+def _open_output(cfg: Config, ctx: DistContext, logger, state, precision: Precision, notes, skipped_sets, resumed_set,
+                 identity):
     """Create the output folder, training.log, config.json and the TensorBoard writer (rank 0; None elsewhere)."""
     if ctx.is_main:
         os.makedirs(cfg.output, exist_ok=True)

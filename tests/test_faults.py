@@ -311,9 +311,8 @@ def test_both_ranks_fall_back_together_past_a_corrupt_and_a_mixed_set(rec, refer
     _assert_same_weights(out, reference)
 
 
-# ---- phase 2: the training step's guard (tests written ahead of the fix)
+# ---- the training step's guard before a save
 
-@pytest.mark.xfail(strict=True, reason="needs the training/ guard")
 def test_a_skipped_last_step_still_leaves_a_checkpoint_that_continues_the_run(rec, tmp_path):
     """lr=1e30: step 1 blows the weights up, steps 2 and 3 are skipped as non-finite. The end
     of the run must still save the last good state (step 1's weights, unchanged since)."""

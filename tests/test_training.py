@@ -339,6 +339,25 @@ def test_a_nan_loss_skips_the_update_and_restores_batchnorm_statistics():
     assert any(not torch.equal(a, b) for a, b in zip(weights, _weights(state.backbone)))
 
 
+@pytest.mark.parametrize("clip", [0.0, 5.0])
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_a_non_finite_head_gradient_with_a_finite_loss_skips_the_update(clip, sample_rate):
+    """The head's (dense or sparse row) gradient is checked whether or not clipping is on:
+    clipping only covers the backbone. The loss of this step is finite."""
+    state, step, _ = _setup(clip=clip, sample_rate=sample_rate)
+    (images, labels), (good, good_labels) = _batches(2, 4)
+    step(good, good_labels)
+    assert step.guard.check(1) is False
+    weights = _weights(state.backbone, state.head)
+    hook = state.head.weight.register_hook(lambda grad: grad * float("inf"))  # a real inf gradient row
+    step(images, labels)
+    hook.remove()
+    assert torch.isfinite(step.last_loss).all()
+    assert step.guard.check(2) is True
+    assert all(torch.equal(a, b) for a, b in zip(weights, _weights(state.backbone, state.head)))
+    assert torch.isfinite(state.head.weight).all()
+
+
 def test_max_consecutive_non_finite_steps_stop_the_run():
     state, step, _ = _setup(max_nonfinite=2)
     images, labels = _batches(1, 4)[0]

@@ -9,6 +9,25 @@ from training.errors import TrainingInputError
 from utils.distributed import DistContext
 
 
+def all_finite(grads) -> torch.Tensor:
+    """A device bool: every value of every gradient is finite, with no host sync.
+
+    One fused norm per tensor list (what clip_grad_norm_ uses), so a NaN or inf anywhere
+    makes its tensor's norm non-finite; sparse row gradients are checked by their values.
+    """
+    tensors = [g._values() if g.is_sparse else g for g in grads if g is not None]
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    by_device: dict = {}
+    for t in tensors:
+        by_device.setdefault((t.device, t.dtype), []).append(t)
+    finite = None
+    for group in by_device.values():
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(group))).all()
+        finite = ok if finite is None else finite & ok.to(finite.device)
+    return finite
+
+
 class NonFiniteGuard:
     """A non-finite loss or gradient never updates the weights.
 
@@ -40,11 +59,14 @@ class NonFiniteGuard:
         self.longest_run = torch.maximum(self.longest_run, self.run)
         self.loss_finite = torch.ones_like(self.loss_finite)
 
-    def step(self, optimizer, grad_norm) -> None:
-        """optimizer.step(), void on the device when the loss or `grad_norm` is not finite."""
+    def step(self, optimizer, grad_norm, unchecked_grads=()) -> None:
+        """optimizer.step(), void on the device when the loss, `grad_norm` (the clipped
+        parameters' norm) or any of `unchecked_grads` (the gradients it does not cover: the
+        head's sparse row gradient, everything when clipping is off) is not finite."""
         finite = self.loss_finite
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm)
+        finite = finite & all_finite(unchecked_grads)
         self._count(finite)
         optimizer.found_inf = (~finite).to(torch.float32)
         try:

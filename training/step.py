@@ -108,6 +108,12 @@ class TrainStep:
         self.channels_last = channels_last
         self.clip_params = trainable_parameters(backbone, self.aux_losses)
         self.aux_params = self.clip_params[len(list(backbone.parameters())):]
+        # What the guard must check itself: with clipping on, the clipped norm covers the
+        # backbone's (and the auxiliary terms') gradients; the head's never are.
+        clipped = {id(p) for p in self.clip_params} if self.clip_grad_norm > 0 else set()
+        self.unclipped_params = [
+            p for group in optimizer.param_groups for p in group["params"] if id(p) not in clipped
+        ]
         self.distributed = distributed
         self._micro = 0  # batches since the last optimizer step
         self._sums: dict[str, torch.Tensor] = {}
@@ -161,7 +167,8 @@ class TrainStep:
             scaler.update()
             self.guard.count_loss()
         else:
-            self.guard.step(optimizer, grad_norm)  # skips the update when loss or gradients are not finite
+            # Skips the update when the loss or any gradient is not finite.
+            self.guard.step(optimizer, grad_norm, [p.grad for p in self.unclipped_params])
         optimizer.zero_grad(set_to_none=True)
         self.last_lr = optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
