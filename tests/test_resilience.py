@@ -292,25 +292,29 @@ def test_killed_worker_is_restarted_and_the_run_finishes(rec, tmp_path):
 
 
 def test_non_finite_losses_never_update_the_weights_and_stop_the_run(rec, tmp_path):
-    """lr=1e30: step 1 blows the weights up, every later forward pass gives a non-finite loss."""
+    """lr=1e30: step 1 blows the weights up, every later forward pass gives a non-finite loss.
+    The skipped steps still save (their weights are step 1's, which they did not change)."""
     out = tmp_path / "run"
-    blow_up = ["--lr=1e30", "--batch_size=8", "--save_every_steps=1"]
+    blow_up = ["--lr=1e30", "--batch_size=8", "--save_every_steps=1", "--keep_checkpoints=5"]
     _train([PYTHON], rec, out, *blow_up, "--max_steps=3", "--max_nonfinite_steps=0")  # 0: never stop
     log = (out / "training.log").read_text()
-    assert "skipped non-finite steps 2" in log and log.count("no checkpoint written, the previous one is kept") == 2
-    assert _set_names(out) == ["step_000000001"]
+    assert "skipped non-finite steps 2" in log and log.count("the checkpoint holds the weights before it") == 2
+    assert _set_names(out) == ["step_000000001", "step_000000002", "step_000000003"]
     step1 = _load(out / "checkpoints" / "step_000000001" / "checkpoint_gpu_0.pt")["state_dict_backbone"]
     final = _load(out / "model.pt")  # after two skipped steps
+    for saved in (_load(out / "checkpoints" / f"step_00000000{n}" / "checkpoint_gpu_0.pt")["state_dict_backbone"] for n in (2, 3)):
+        assert all(torch.equal(saved[k], step1[k]) for k in step1), "a skipped step's checkpoint holds other weights"
     assert all(torch.equal(final[k], step1[k]) for k in step1), "a skipped step changed weights or BatchNorm statistics"
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
 
-    before = {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")}
     proc = _train([PYTHON], rec, out, *blow_up, "--resume=True", "--max_nonfinite_steps=2", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: 2 consecutive steps up to step 3 had a non-finite loss or gradient (max_nonfinite_steps=2); stopping."
+        "error: 2 consecutive steps up to step 5 had a non-finite loss or gradient (max_nonfinite_steps=2); stopping."
     )
-    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints").rglob("*")} == before
+    for cset in (out / "checkpoints").glob("step_*"):  # whatever was saved holds step 1's weights
+        saved = _load(cset / "checkpoint_gpu_0.pt")["state_dict_backbone"]
+        assert all(torch.equal(saved[k], step1[k]) for k in step1), cset
 
 
 @pytest.mark.parametrize(
