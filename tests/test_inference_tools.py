@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from backbones import get_model
+from backbones.weights import WeightsError
 from conftest import SHARED_TESTDATA
 from helpers import PYTHON, REPO_ROOT, run_script
 from eval.embedder import EmbedderError, load_embedder
@@ -80,7 +81,7 @@ def test_training_checkpoint_with_ddp_prefixes_loads(models, tmp_path):
 
 def test_weights_of_another_network_are_refused_by_name(models):
     pt, _ = models
-    with pytest.raises(EmbedderError) as err:
+    with pytest.raises(WeightsError) as err:
         load_embedder(str(pt), network="r18")
     message = str(err.value)
     assert str(pt) in message and "'r18'" in message and "missing" in message

@@ -23,11 +23,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from _cli import Progress, UserError, run_main  # first: puts the repository on sys.path
+from _cli import run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np
 import torch
+
+from utils.errors import UserError
+from utils.progress import progress_bar
 
 FAR_LEVELS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PAIR_CHUNK = 1 << 20  # pairs scored at once: bounds the temporary [chunk, D] arrays
@@ -146,9 +149,8 @@ def embed_faces(
     if missing is not None:
         raise UserError(f"image not found: {missing}")
     starts = list(range(0, len(paths), batch_size))
-    progress = Progress(label, len(paths))
     chunks = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(total=len(paths), desc=label) as bar:
 
         def submit(start):
             stop = min(start + batch_size, len(paths))
@@ -163,7 +165,7 @@ def embed_faces(
                 chunks.append(both[: len(faces)] + both[len(faces) :])
             else:
                 chunks.append(embedder.embed(faces))
-            progress.update(len(faces))
+            bar.update(len(faces))
             pending = upcoming
     return np.concatenate(chunks).astype(np.float32, copy=False)
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _cli import UserError, run_main  # first: puts the repository on sys.path
+from _cli import run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np
 
 from eval.embedder import INPUT_SIZE, load_embedder
 from eval.face_align import norm_crop
+from utils.errors import UserError
 
 
 def read_face(path: str, landmarks: np.ndarray | None) -> np.ndarray:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from utils.distributed import DistContext, any_rank
+from utils.errors import UserError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -46,7 +47,7 @@ MANIFEST = "manifest.json"
 _SET_RE = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used; the message names file and reason."""
 
 

@@ -17,11 +17,13 @@ import types
 from pathlib import Path
 from typing import Any, Iterable
 
+from utils.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "configs" / "base.py"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value. The message is one line meant for the user."""
 
 
