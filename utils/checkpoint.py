@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.atomic_file import atomic_path, atomic_write
 from utils.distributed import DistContext, any_rank
 from utils.errors import UserError
 
@@ -59,50 +60,17 @@ def set_dirname(step: int) -> str:
     return f"step_{step:09d}"
 
 
-def _fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path: str | os.PathLike) -> int:
-    """torch.save to a temporary file, fsync, rename. Returns the file size."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+    """torch.save to a temporary file, fsync, rename, fsync the folder. Returns the file size."""
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(obj, tmp)
         size = tmp.stat().st_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return size
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, "w", durable=True) as f:
+        f.write(text)
 
 
 # --- random number generator states ---------------------------------------------------

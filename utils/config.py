@@ -17,6 +17,7 @@ import types
 from pathlib import Path
 from typing import Any, Iterable
 
+from utils.atomic_file import atomic_write
 from utils.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -245,11 +246,9 @@ def validate(cfg: Config, where: str = "config") -> None:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the effective config as JSON (tuples become lists)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(dict(cfg), f, indent=2, sort_keys=True, default=str)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def format_config(cfg: Config) -> str:
