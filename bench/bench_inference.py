@@ -24,8 +24,8 @@ import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench.common import enable_huge_pages, default_precision, resolve_device, summarize, timed  # noqa: E402
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench.common import (  # noqa: E402
     PeakMemory, available_memory_bytes, default_precision, enable_huge_pages, resolve_device, summarize, timed,

@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench import bench_data, bench_inference, bench_partial_fc, bench_train  # noqa: E402
 from bench.common import ROOT  # noqa: E402

@@ -249,7 +249,6 @@ class PartialFC(nn.Module):
         self.class_start, self.num_local = shard_range(num_classes, rank, world_size)
         self.num_sample = max(1, int(self.sample_rate * self.num_local))
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
-        self.last_num_sampled = self.num_local  # for logging
 
     def extra_repr(self) -> str:
         return (
@@ -308,7 +307,6 @@ class PartialFC(nn.Module):
         index = None
         if self.sample_rate < 1.0:
             index, local_targets = self.sample(local_targets)
-            self.last_num_sampled = int(index.numel())
 
         logits = _CosineLogits.apply(F.normalize(embeddings), self.weight, index, self.matmul_dtype)
         logits = self.margin_loss(logits, local_targets)

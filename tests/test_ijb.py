@@ -2,19 +2,15 @@
 synthetic release-layout folder whose expected TAR follows from its construction."""
 from __future__ import annotations
 
-import sys
-
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from helpers import PYTHON, REPO_ROOT, run_script
+import eval_ijb  # tools/ is on sys.path (pyproject.toml)
 from eval.face_align import ARCFACE_TEMPLATE
 from eval.onnx_export import export_onnx
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import eval_ijb  # noqa: E402
+from helpers import PYTHON, REPO_ROOT, run_script
 
 SCRIPT = REPO_ROOT / "tools" / "eval_ijb.py"
 

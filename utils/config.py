@@ -110,9 +110,8 @@ def resolve_config_path(name: str) -> Path:
 
 def _load_module_config(path: Path) -> dict:
     _install_easydict_shim()
-    # Config modules may import the project's packages (e.g. `from utils.config import Config`).
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+    # A config module may import the project's packages (`from utils.config import Config`):
+    # they are importable wherever this module was imported from.
     module_name = f"_face_config_{path.stem}_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -196,8 +195,8 @@ def parse_override(arg: str) -> tuple[str, Any]:
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> Config:
-    overrides = list(overrides)
     """Merge base defaults, the experiment module and command-line overrides, then validate."""
+    overrides = list(overrides)
     base = _load_module_config(BASE_CONFIG)
     config_path = resolve_config_path(path)
     job = _load_module_config(config_path) if config_path != BASE_CONFIG.resolve() else {}

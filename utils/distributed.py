@@ -114,7 +114,7 @@ def _elastic_attempt_store(world_size: int, timeout: datetime.timedelta):
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def cleanup_distributed(ctx: DistContext | None = None) -> None:
+def cleanup_distributed() -> None:
     """Destroy the process group if this process created one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -150,11 +150,3 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
-
-def all_reduce_mean(value: float, ctx: DistContext) -> float:
-    """Average a Python number over all ranks (used for logging only)."""
-    if not ctx.is_distributed:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t)
-    return float(t.item()) / ctx.world_size
