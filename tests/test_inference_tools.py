@@ -11,11 +11,12 @@ import torch
 from backbones import get_model
 from backbones.weights import WeightsError
 from conftest import SHARED_TESTDATA
-from helpers import PYTHON, REPO_ROOT, run_script
+from helpers import PYTHON, REPO_ROOT, run_script, run_script_on_terminal
 from eval.embedder import EmbedderError, load_embedder
 from eval.face_align import ARCFACE_TEMPLATE
 from eval.onnx_export import export_onnx
 from dataset.verification_bin import load_bin, write_bin
+from utils.errors import EXIT_USER_ERROR
 
 TOOLS = REPO_ROOT / "tools"
 
@@ -156,7 +157,7 @@ def test_pack_bin_errors_name_the_file_or_line(tmp_path, pairs_text, expected):
     pairs.write_text(pairs_text)
     out = tmp_path / "out.bin"
     proc = run_script([PYTHON, TOOLS / "pack_bin.py", folder, pairs, out], check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr
     assert expected.format(folder=folder, pairs=pairs) in proc.stderr
     assert not out.exists()
 
@@ -173,11 +174,14 @@ def test_eval_verification_gives_the_same_accuracy_for_pt_and_onnx(models, small
     pt, onnx_path = models
     rows = {}
     for model, extra in ((pt, ["--network", "mbf"]), (onnx_path, [])):
-        proc = run_script(
-            [PYTHON, TOOLS / "eval_verification.py", model, "--bins", small_bin, "--batch-size", "8", *extra]
-        )
+        args = [PYTHON, TOOLS / "eval_verification.py", model, "--bins", small_bin, "--batch-size", "8", *extra]
+        if model == pt:  # at a terminal: a progress bar with the count, rate and time left
+            proc = run_script_on_terminal(args, env={"CI": ""})
+            assert "lfw_small: embedding" in proc.stderr and "20/20" in proc.stderr and "img/s" in proc.stderr
+        else:  # captured (not a terminal): no bar, nothing but the table
+            proc = run_script(args)
+            assert "embedding" not in proc.stderr and "\r" not in proc.stderr
         rows[model.suffix] = _table_row(proc.stdout, "lfw_small")
-        assert "ETA" in proc.stderr
     pt_row, onnx_row = rows[".pt"], rows[".onnx"]
     assert pt_row[1] == "10"  # pairs
     assert pt_row[2:5] == onnx_row[2:5]  # accuracy +- std
@@ -188,7 +192,7 @@ def test_eval_verification_missing_bin_is_one_line(models, tmp_path):
     proc = run_script(
         [PYTHON, TOOLS / "eval_verification.py", models[1], "--bins", tmp_path / "nope.bin"], check=False
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr
     assert f"verification set not found: {tmp_path / 'nope.bin'}" in proc.stderr
 
 
@@ -241,4 +245,4 @@ def test_inference_cli_aligns_with_landmarks_and_warns_on_resize(models, tmp_pat
         [PYTHON, TOOLS / "inference.py", "--weight", onnx_path, "--img", tmp_path / "photo.png", "--align", "1", "2"],
         check=False,
     )
-    assert proc.returncode == 1 and "10 numbers per image" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "10 numbers per image" in proc.stderr and "Traceback" not in proc.stderr

@@ -162,7 +162,7 @@ def test_cli_writes_the_set_and_a_preview(tmp_path):
     assert preview.shape == (3 * 112, 2 * 112, 3)
     bad = run_script([PYTHON, REPO_ROOT / "tools" / "make_synthetic_faces.py", tmp_path / "bad", "--val-pairs=3"],
                      check=False)
-    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: synthetic_faces: num_val_pairs must be even (half same, half different), got 3"]
 
 

@@ -249,8 +249,9 @@ def roc_corners(fpr: np.ndarray, tpr: np.ndarray) -> np.ndarray:
     without the points inside straight vertical or horizontal runs.
 
     An ROC over millions of impostor pairs has millions of points, but between two
-    genuine pairs it only runs right: the corners are about twice the genuine count and
-    give the same TAR at every FAR (the top of each vertical run is kept).
+    genuine pairs it only runs right: the corners are about twice the genuine count, and
+    interpolating them gives the curve's TPR at any FAR. (The TAR@FAR table, which takes
+    the nearest measured point, is computed from the full curve.)
     """
     dx, dy = np.diff(fpr), np.diff(tpr)
     # Direction of each segment: 1 up, 2 right, 3 both (tied scores), 0 none.
