@@ -246,3 +246,42 @@ def test_inference_cli_aligns_with_landmarks_and_warns_on_resize(models, tmp_pat
         check=False,
     )
     assert proc.returncode == EXIT_USER_ERROR and "10 numbers per image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inference_cli_embeds_a_folder_into_one_file(models, tmp_path):
+    pt, _ = models
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "faces"
+    names = ["p1/a.jpg", "p1/b.png", "p2/c.bmp", "top.png", "p2/deep/d.jpg"]
+    pixels = {}
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels[name] = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / name), pixels[name])
+    cv2.imwrite(str(folder / "p2" / "wide.png"), rng.integers(0, 256, (100, 140, 3), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden").mkdir()
+    cv2.imwrite(str(folder / ".hidden" / "x.png"), pixels["top.png"])
+    out = tmp_path / "faces.npz"
+    args = [PYTHON, TOOLS / "inference.py", "--network", "mbf", "--weight", pt, "--folder", folder, "--output", out,
+            "--batch-size", "2", "--workers", "2"]
+    proc = run_script_on_terminal(args, env={"CI": ""})
+    assert "embedding" in proc.stderr and "6/6" in proc.stderr  # the bar, at a terminal
+    assert "1 of 6 images were not 112x112" in proc.stderr and "p2/wide.png" in proc.stderr
+
+    saved = np.load(out)
+    assert saved["names"].tolist() == sorted(names + ["p2/wide.png"])
+    embeddings, norms = saved["embeddings"], saved["norms"]
+    assert embeddings.shape == (6, 512) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    # Each row is its own image's embedding (names and rows stay together across batches).
+    embedder = load_embedder(str(pt), network="mbf")
+    for row, name in enumerate(saved["names"]):
+        if name in pixels:
+            decoded = cv2.imread(str(folder / name))  # JPEG is lossy: what the file holds
+            want = embedder.embed(decoded[:, :, ::-1].transpose(2, 0, 1)[None].copy())[0]
+            np.testing.assert_allclose(norms[row], np.linalg.norm(want), rtol=1e-4)
+            np.testing.assert_allclose(embeddings[row], want / np.linalg.norm(want), atol=2e-5)
+
+    bad = run_script([*args[:-6], "--folder", tmp_path / "none", "--output", out], check=False)
+    assert bad.returncode == EXIT_USER_ERROR and bad.stderr.strip() == f"error: image folder not found: {tmp_path / 'none'}"

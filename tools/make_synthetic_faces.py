@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from dataset.synthetic_faces import VAL_NAME, identity_images, materialize
-from utils.errors import UserError
+from utils.atomic_file import atomic_write
 
 PREVIEW_ROWS, PREVIEW_COLS = 8, 8
 
@@ -56,8 +56,11 @@ def main() -> None:
     preview = os.path.join(args.out_dir, "preview.png")
     grid = preview_grid(args.seed, min(PREVIEW_ROWS, args.identities), min(PREVIEW_COLS, args.images_per_identity),
                         args.variation)
-    if not cv2.imwrite(preview, grid):
-        raise UserError(f"cannot write {preview}")
+    ok, png = cv2.imencode(".png", grid)
+    if not ok:  # pragma: no cover - PNG encoding of a uint8 image does not fail
+        raise RuntimeError("PNG encoding of the preview failed")
+    with atomic_write(preview) as f:
+        f.write(png.tobytes())
     print(f"{args.out_dir}: train.rec/train.idx/property ({args.identities} identities x {args.images_per_identity} "
           f"images), {VAL_NAME}.bin ({args.val_pairs} pairs of {args.val_identities} held-out identities), "
           f"preview.png")
