@@ -14,6 +14,9 @@ byte offsets. This module reads and writes both exactly as mxnet 1.x does
 `IndexedRecordReader` opens the `.rec` file lazily in each process (DataLoader workers
 must never share a file handle with their parent) and reads a record with one `pread`.
 `write_identity_records` writes a whole data set in the insightface (MS1M) layout.
+
+Hand-written although a library exists: mxnet, the only implementation, is retired (moved
+to the Apache attic) and would pull in a large native package for a format this small.
 """
 from __future__ import annotations
 
