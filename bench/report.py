@@ -301,6 +301,9 @@ def render(results_dir: Path, target: Path) -> Path:
         lines.append("No results yet: run `python bench/run_all.py`.")
     for kind in order:
         lines += render_device(kind, json.loads(files[kind].read_text()), target)
+    from utils.atomic_file import atomic_write
+
     md = target / "benchmarks.md"
-    md.write_text("\n".join(lines).rstrip() + "\n")
+    with atomic_write(md, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
     return md
