@@ -60,18 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     try:
         return train(cfg, ctx)
-    except _user_errors() as exc:
+    except UserError as exc:
         print(f"error{f' (rank {ctx.rank})' if ctx.world_size > 1 else ''}: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     finally:
-        cleanup_distributed(ctx)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """UserError, and the user-error classes that do not derive from it yet."""
-    from dataset import DataError
-
-    return (UserError, ConfigError, ckpt.CheckpointError, DataError)
+        cleanup_distributed()
 
 
 class _Warnings:
@@ -92,7 +85,7 @@ def train(cfg: Config, ctx: DistContext) -> int:
     identity = run_identity.of_this_launch(cfg, ctx)
     # An elastic restart of this job (on any node, whatever its local restart count) continues its own run.
     resume = bool(cfg.resume) or run_identity.continues_this_run(cfg.output, identity, ctx)
-    logger = setup_logging(None, ctx.rank)  # console only until every check has passed
+    logger = setup_logging(ctx.rank)  # console only until every check has passed
 
     # ---- phase 1: everything that can refuse the run, before anything is written or changed
     precision, num_classes, plan = _check_run(cfg, ctx, resume)

@@ -1,8 +1,9 @@
 """Autocast regions shared by the backbones.
 
 The trunk of a backbone may run in low precision (the caller's autocast, or its own with
-`fp16=True`); the embedding head and the attention softmax always run in float32, because
-their sums over thousands of terms lose the identity information in half precision.
+`fp16=True` in the dtype `utils.amp.low_precision_dtype` chooses); the embedding head and
+the attention softmax always run in float32, because their sums over thousands of terms
+lose the identity information in half precision.
 """
 from __future__ import annotations
 
@@ -11,11 +12,7 @@ from typing import ContextManager
 
 import torch
 
-
-def low_precision_dtype(device_type: str) -> torch.dtype:
-    """insightface's `fp16=True` on CUDA; bfloat16 elsewhere, where float16 autocast is
-    missing or slow and needs no loss scaling."""
-    return torch.float16 if device_type == "cuda" else torch.bfloat16
+from utils.amp import low_precision_dtype  # the one rule for which half precision a device gets
 
 
 def _autocast_available(device_type: str) -> bool:

@@ -13,13 +13,12 @@ The goal is a worker's rate (ii') >= 85% of (i).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 import cv2
 import numpy as np

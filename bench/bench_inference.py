@@ -18,14 +18,13 @@ import argparse
 import contextlib
 import copy
 import json
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench.common import enable_huge_pages, default_precision, resolve_device, summarize, timed  # noqa: E402
 
@@ -69,11 +68,14 @@ def run_model(name: str, *, batch: int, batches: int, warmup: int, device, log=p
     import torch
 
     from backbones import get_model
+    from dataset.transforms import normalize_batch
     from eval.onnx_export import export_onnx
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    inputs = [torch.rand(batch, 3, 112, 112, generator=g) * 2 - 1 for _ in range(warmup + batches)]
+    # uint8 images through the one input normalisation, as every inference path receives them.
+    images = [torch.randint(0, 256, (batch, 3, 112, 112), generator=g, dtype=torch.uint8) for _ in range(warmup + batches)]
+    inputs = [normalize_batch(x) for x in images]
     plain = _with_data_statistics(get_model(name, num_features=512), inputs[:2]).to(device)
     precision = default_precision(device)
     channels_last = plain.prefers_channels_last  # the backbone decides, as in training

@@ -35,14 +35,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench.common import (  # noqa: E402
     PeakMemory, available_memory_bytes, default_precision, enable_huge_pages, resolve_device, summarize, timed,
@@ -342,13 +341,7 @@ def format_table(result: dict) -> str:
 
 def plot(result: dict, path_png: str, title_suffix: str = "") -> None:
     """Samples/s and peak memory against the class count, one line per (impl, rate); two panels in one PNG."""
-    import tempfile
-
-    import cv2
-    import numpy as np
-
-    from utils.atomic_file import atomic_write
-    from eval.plot import line_plot
+    from eval.plot import line_plots
 
     batch = max(result["batch_sizes"])
     speed, memory = {}, {}
@@ -365,19 +358,12 @@ def plot(result: dict, path_png: str, title_suffix: str = "") -> None:
             ys_s.append(batch / case["min_s"] if ok else float("nan"))
             xs_m.append(row["num_classes"])
             ys_m.append(case["peak_bytes"] / 2**30 if ok and case.get("peak_bytes") else float("nan"))
-    with tempfile.TemporaryDirectory() as tmp:
-        a, b = os.path.join(tmp, "a.png"), os.path.join(tmp, "b.png")
-        xlim = (min(result["classes"]), max(result["classes"]))
-        line_plot(a, speed, f"PartialFC step, batch {batch}{title_suffix}", "classes", "samples/s",
-                  logx=True, logy=True, xlim=xlim)
-        line_plot(b, memory, f"PartialFC peak memory, batch {batch}{title_suffix}", "classes", "GiB",
-                  logx=True, logy=True, xlim=xlim)
-        image = np.vstack([cv2.imread(a), cv2.imread(b)])
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise RuntimeError(f"{path_png}: PNG encoding failed")
-    with atomic_write(path_png) as f:
-        f.write(encoded.tobytes())
+    xlim = (min(result["classes"]), max(result["classes"]))
+    axes = dict(xlabel="classes", logx=True, logy=True, xlim=xlim)
+    line_plots(path_png, [
+        dict(series=speed, title=f"PartialFC step, batch {batch}{title_suffix}", ylabel="samples/s", **axes),
+        dict(series=memory, title=f"PartialFC peak memory, batch {batch}{title_suffix}", ylabel="GiB", **axes),
+    ])
 
 
 def main() -> None:

@@ -25,12 +25,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench.common import enable_huge_pages, default_precision, summarize, synchronize, timed  # noqa: E402
 
@@ -206,7 +205,7 @@ def run(models, *, batch=32, steps=5, warmup=2, paths=PATHS, device="auto", log=
         results = [run_model(m, batch=batch, steps=steps, warmup=warmup, paths=paths, ctx=ctx,
                              device=ctx.device, log=log if ctx.is_main else (lambda *_: None)) for m in models]
     finally:
-        cleanup_distributed(ctx)
+        cleanup_distributed()
     return {"models": results, "num_classes": NUM_CLASSES, "steps": steps, "warmup": warmup,
             "world_size": ctx.world_size, "is_main": ctx.is_main}
 

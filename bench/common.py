@@ -10,17 +10,14 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from utils.host_memory import enable_huge_pages  # noqa: F401  (the benchmarks use train.py's setting)
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from utils.host_memory import enable_huge_pages  # noqa: E402,F401  (the benchmarks use train.py's setting)
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench.common import ROOT, default_precision, resolve_device, summarize, timed  # noqa: E402
 

@@ -6,11 +6,10 @@ show the same ratios for information.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench import bench_data, bench_inference, bench_partial_fc, bench_train  # noqa: E402
 from bench.common import ROOT  # noqa: E402
@@ -301,6 +300,9 @@ def render(results_dir: Path, target: Path) -> Path:
         lines.append("No results yet: run `python bench/run_all.py`.")
     for kind in order:
         lines += render_device(kind, json.loads(files[kind].read_text()), target)
+    from utils.atomic_file import atomic_write
+
     md = target / "benchmarks.md"
-    md.write_text("\n".join(lines).rstrip() + "\n")
+    with atomic_write(md, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
     return md

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script
+    import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
 from bench.common import OtherLoad, ROOT, enable_huge_pages, machine_info, resolve_device  # noqa: E402
 

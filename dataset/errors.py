@@ -1,13 +1,15 @@
 """The one exception family of the data layer.
 
 Every message names the file and, where there is one, the record key or byte offset,
-so that a user can find the bad entry without a debugger. `train.py` catches
-`DataError` and prints it as one line.
+so that a user can find the bad entry without a debugger. `DataError` is a
+`utils.errors.UserError`: every entry point prints it as one line.
 """
 from __future__ import annotations
 
+from utils.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data set that cannot be used as it is (missing, malformed or inconsistent)."""
 
 

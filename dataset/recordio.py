@@ -14,9 +14,13 @@ byte offsets. This module reads and writes both exactly as mxnet 1.x does
 `IndexedRecordReader` opens the `.rec` file lazily in each process (DataLoader workers
 must never share a file handle with their parent) and reads a record with one `pread`.
 `write_identity_records` writes a whole data set in the insightface (MS1M) layout.
+
+Hand-written although a library exists: mxnet, the only implementation, is retired (moved
+to the Apache attic) and would pull in a large native package for a format this small.
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 import struct
@@ -26,6 +30,7 @@ from typing import Iterable, NamedTuple, Sequence
 import numpy as np
 
 from dataset.errors import DataError, RecordIOError
+from utils.atomic_file import atomic_path
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -203,11 +208,6 @@ def read_index(idx_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         keys.append(int(fields[0]))
         offsets.append(int(fields[1]))
     return np.array(keys, dtype=np.int64), np.array(offsets, dtype=np.int64)
-
-
-def write_index(idx_path: str | os.PathLike, keys: Iterable[int], offsets: Iterable[int]) -> None:
-    with open(idx_path, "w", newline="\n") as f:
-        f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets))
 
 
 # ---------------------------------------------------------------------------- reader
@@ -456,10 +456,9 @@ def write_identity_records(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tag = f".tmp-{os.getpid()}"
-    final = {name: out / name for name in ("train.rec", "train.idx", "property")}
-    temp = {name: path.with_name(path.name + tag) for name, path in final.items()}
-    try:
+    with contextlib.ExitStack() as stack:
+        # Entered in this order, renamed in the reverse one: train.idx, train.rec, then property.
+        temp = {name: stack.enter_context(atomic_path(out / name)) for name in ("property", "train.rec", "train.idx")}
         ranges: list[tuple[int, int]] = []
         with IndexedRecordWriter(temp["train.rec"], temp["train.idx"]) as writer:
             # Placeholder header of the final size; rewritten once the counts are known.
@@ -487,10 +486,4 @@ def write_identity_records(
             writer.overwrite(0, pack(IRHeader(2, [float(1 + num_images), float(1 + num_images + num_classes)], 0, 0)))
         height, width = image_size
         temp["property"].write_text(f"{num_classes},{height},{width}", newline="")
-        for name in ("train.idx", "train.rec", "property"):
-            os.replace(temp[name], final[name])
-    finally:
-        for path in temp.values():
-            if path.exists():
-                path.unlink()
     return num_classes, num_images

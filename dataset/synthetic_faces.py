@@ -526,6 +526,11 @@ def _encode_pairs(task: tuple) -> list[bytes]:
     return encoded
 
 
+def _counted(identities: list[list[bytes]], bar) -> list[list[bytes]]:
+    bar.update(sum(len(images) for images in identities))
+    return identities
+
+
 def _pool(workers: int):
     """A process pool, or None for one process. fork where the platform has it: the workers
     need only NumPy and OpenCV, and spawning would re-import the caller (torch) in each."""
@@ -629,18 +634,25 @@ def materialize(
     from dataset.recordio import write_identity_records
     from dataset.verification_bin import write_bin
 
+    from utils.progress import progress_bar
+
     workers = max(1, min(os.cpu_count() or 1, 8) if workers is None else workers)
     pool = _pool(workers)
     run = pool.imap if pool is not None else map
+    total_images = num_identities * images_per_identity + 2 * num_val_pairs
     try:
-        chunks = [(seed, i, min(i + _CHUNK, num_identities), images_per_identity, quality, variation)
-                  for i in range(0, num_identities, _CHUNK)]
-        identities = (images for chunk in run(_encode_identities, chunks) for images in chunk)
-        write_identity_records(out, identities)
-        pairs = verification_pairs(seed, num_val_identities, num_val_pairs)
-        tasks = [(seed, k, pairs[k:k + _CHUNK], quality, variation) for k in range(0, len(pairs), _CHUNK)]
-        images = [image for chunk in run(_encode_pairs, tasks) for image in chunk]
-        write_bin(str(out / f"{VAL_NAME}.bin"), images, [same for _, _, same in pairs])
+        with progress_bar(total=total_images, desc="synthetic faces") as bar:
+            chunks = [(seed, i, min(i + _CHUNK, num_identities), images_per_identity, quality, variation)
+                      for i in range(0, num_identities, _CHUNK)]
+            identities = (images for chunk in run(_encode_identities, chunks) for images in _counted(chunk, bar))
+            write_identity_records(out, identities)
+            pairs = verification_pairs(seed, num_val_identities, num_val_pairs)
+            tasks = [(seed, k, pairs[k:k + _CHUNK], quality, variation) for k in range(0, len(pairs), _CHUNK)]
+            images = []
+            for chunk in run(_encode_pairs, tasks):
+                images.extend(chunk)
+                bar.update(len(chunk))
+            write_bin(str(out / f"{VAL_NAME}.bin"), images, [same for _, _, same in pairs])
     finally:
         if pool is not None:
             pool.terminate()

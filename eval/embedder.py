@@ -2,8 +2,10 @@
 
 `load_embedder(path, network)` returns an object with `embed(images)`: uint8 RGB
 NCHW images in, raw (unnormalised) float32 embeddings out. The input
-normalisation (x/255 - 0.5)/0.5 is applied here for both kinds, because the
-exported ONNX graph does not normalise (insightface's convention, REFERENCE 6).
+normalisation (training's `dataset.transforms.normalize_batch`) is applied here for
+both kinds, because the exported ONNX graph does not normalise (insightface's
+convention, REFERENCE 6). Weights are read by `backbones.weights`, so a file that
+does not fit raises its `WeightsError`.
 """
 from __future__ import annotations
 
@@ -14,12 +16,16 @@ from typing import Union
 import numpy as np
 import torch
 
+from backbones.weights import load_backbone_weights
+from dataset.transforms import normalize_batch
+from utils.errors import UserError
+
 INPUT_SIZE = 112
 
 ImageBatch = Union[np.ndarray, torch.Tensor]
 
 
-class EmbedderError(ValueError):
+class EmbedderError(UserError, ValueError):
     """A model file that cannot be used as a recogniser; the message names the file."""
 
 
@@ -30,55 +36,6 @@ def _as_uint8_nchw(images: ImageBatch) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise ValueError(f"expected uint8 images (0..255), got {arr.dtype}")
     return arr
-
-
-def _normalise(arr: np.ndarray) -> np.ndarray:
-    return ((arr.astype(np.float32) / 255.0) - 0.5) / 0.5
-
-
-def _strip_prefix(state_dict: dict, prefix: str = "module.") -> dict:
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
-
-
-def _read_state_dict(path: str) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise EmbedderError(
-            f"{path}: cannot be read as a PyTorch state_dict ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
-    # A training checkpoint (checkpoint_gpu_0.pt) keeps the backbone under this key.
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict_backbone"), dict):
-        obj = obj["state_dict_backbone"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise EmbedderError(f"{path}: expected a state_dict (a dict of tensors), found {type(obj).__name__}")
-    return _strip_prefix(obj)
-
-
-def embedding_size_of(state_dict: dict) -> int | None:
-    """The output size, read from the last BatchNorm1d of the head (every backbone family ends in one)."""
-    for key in reversed(list(state_dict)):
-        value = state_dict[key]
-        if key.endswith("running_mean") and value.ndim == 1:
-            return int(value.shape[0])
-    return None
-
-
-def _mismatch_summary(model: torch.nn.Module, state_dict: dict) -> str:
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [
-        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state_dict and state_dict[k].shape != expected[k].shape
-    ]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs network)", shapes)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            parts.append(f"{label}: {', '.join(items[:3])}{more}")
-    return "; ".join(parts)
 
 
 class TorchEmbedder:
@@ -92,7 +49,7 @@ class TorchEmbedder:
         out = []
         with torch.inference_mode():
             for start in range(0, arr.shape[0], self.batch_size):
-                x = torch.from_numpy(_normalise(arr[start : start + self.batch_size])).to(self.device)
+                x = normalize_batch(torch.from_numpy(arr[start : start + self.batch_size]).to(self.device))
                 out.append(self.model(x).float().cpu().numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -128,7 +85,7 @@ class OnnxEmbedder:
             raise ValueError(f"the ONNX model takes 112x112 images, got {arr.shape[2]}x{arr.shape[3]}")
         out = []
         for start in range(0, arr.shape[0], self.batch_size):
-            chunk = _normalise(arr[start : start + self.batch_size])
+            chunk = normalize_batch(torch.from_numpy(arr[start : start + self.batch_size])).numpy()
             real = chunk.shape[0]
             if self.fixed_batch is not None and real < self.fixed_batch:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.fixed_batch - real, axis=0)])
@@ -155,23 +112,4 @@ def load_embedder(
         raise EmbedderError(f"{path}: unknown model type '{ext}'; use a .pt/.pth state_dict or an .onnx file")
     if network is None:
         raise EmbedderError(f"{path}: a state_dict needs the network it belongs to (e.g. --network r50)")
-    state_dict = _read_state_dict(path)
-    if isinstance(network, str):
-        from backbones import get_model
-
-        size = embedding_size_of(state_dict)
-        kwargs = {"num_features": size} if size else {}
-        try:
-            model = get_model(network, dropout=0.0, fp16=False, **kwargs)
-        except (ValueError, KeyError) as e:
-            raise EmbedderError(f"unknown network {network!r}: {e}") from None
-        name = network
-    else:
-        model, name = network, type(network).__name__
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError:
-        raise EmbedderError(
-            f"{path}: the weights do not match network {name!r}: {_mismatch_summary(model, state_dict)}"
-        ) from None
-    return TorchEmbedder(model, device=device, batch_size=batch_size)
+    return TorchEmbedder(load_backbone_weights(path, network), device=device, batch_size=batch_size)

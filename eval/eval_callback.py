@@ -10,7 +10,6 @@ import logging
 import os
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from dataset.verification_bin import load_bin
@@ -56,8 +55,8 @@ class VerificationCallback:
             embeddings, xnorm = embed_verification_set(
                 data_list, backbone, self.batch_size, ctx=self.ctx, amp_dtype=self.amp_dtype
             )
-            _, _, accuracy, _, _, _ = evaluate(embeddings, issame, nrof_folds=10)
-            acc, std = float(np.mean(accuracy)), float(np.std(accuracy))
+            result = evaluate(embeddings, issame, nrof_folds=10)
+            acc, std = result.accuracy, result.accuracy_std
             self.highest_acc[name] = max(self.highest_acc[name], acc)
             results[name] = {"acc": acc, "std": std, "xnorm": xnorm, "acc_best": self.highest_acc[name]}
             if self.ctx.is_main:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from utils.atomic_file import atomic_path
+
 
 def export_onnx(
     backbone: torch.nn.Module,
@@ -29,8 +31,7 @@ def export_onnx(
     if hasattr(model, "fp16"):
         model.fp16 = False  # no autocast inside the traced graph: fp32 weights and activations
     dummy = torch.zeros(1, 3, image_size, image_size)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with warnings.catch_warnings(), torch.no_grad():
             # The TorchScript-based exporter needs no extra packages (the dynamo one needs onnxscript).
             warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -52,9 +53,6 @@ def export_onnx(
             import onnx
 
             onnx.checker.check_model(onnx.load(str(tmp)))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from dataset.transforms import normalize_batch
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -82,14 +85,43 @@ def _interpolate_threshold(far: np.ndarray, thresholds: np.ndarray, target: floa
     return float(thresholds[i] + (target - x0) * (thresholds[i + 1] - thresholds[i]) / (x1 - x0))
 
 
+@dataclass(frozen=True)
+class VerificationResult:
+    """What `evaluate()` measures. Distances are squared L2 between normalised embeddings
+    (0..4); a pair is "same" when its distance is below the threshold."""
+
+    fold_accuracy: np.ndarray  # [nrof_folds]: each fold at the best threshold of the other folds
+    fold_thresholds: np.ndarray  # [nrof_folds]: that best threshold, per fold
+    tpr: np.ndarray  # [400]: true positive rate at thresholds 0, 0.01, ... 3.99, mean over folds
+    fpr: np.ndarray  # [400]: false positive rate at the same thresholds, mean over folds
+    val: float  # VAL (true accept rate) at FAR=1e-3, mean over folds
+    val_std: float
+    far: float  # the FAR actually reached at VAL's threshold, mean over folds
+
+    @property
+    def accuracy(self) -> float:
+        """Mean accuracy over folds: the number insightface's tables report."""
+        return float(np.mean(self.fold_accuracy))
+
+    @property
+    def accuracy_std(self) -> float:
+        return float(np.std(self.fold_accuracy))
+
+    @property
+    def best_threshold(self) -> float:
+        """Mean over folds of the threshold chosen on the other folds."""
+        return float(np.mean(self.fold_thresholds))
+
+
 def evaluate(
     embeddings: np.ndarray, actual_issame: Sequence[bool], nrof_folds: int = 10, pca: int = 0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float, float]:
+) -> VerificationResult:
     """insightface's verification protocol.
 
-    embeddings: [2N, D], rows 2i and 2i+1 form pair i (L2-normalised here).
-    Returns (tpr[400], fpr[400]) averaged over folds for thresholds 0..3.99,
-    the accuracy of every fold [nrof_folds], and VAL, its std and FAR at FAR=1e-3.
+    embeddings: [2N, D], rows 2i and 2i+1 form pair i (L2-normalised here). Each of
+    `nrof_folds` contiguous folds is scored at the threshold that is best on the others;
+    with `pca` > 0 the accuracy distances use that many principal components fitted on
+    the other folds.
     """
     emb = np.asarray(embeddings)
     if not np.issubdtype(emb.dtype, np.floating):
@@ -108,6 +140,7 @@ def evaluate(
     tprs = np.zeros((nrof_folds, ACCURACY_THRESHOLDS.size))
     fprs = np.zeros((nrof_folds, ACCURACY_THRESHOLDS.size))
     accuracy = np.zeros(nrof_folds)
+    best_thresholds = np.zeros(nrof_folds)
     val = np.zeros(nrof_folds)
     far = np.zeros(nrof_folds)
     for k, test in enumerate(folds):
@@ -120,6 +153,7 @@ def evaluate(
         n_diff_train = int((~issame[train]).sum())
         acc_train = (tp + (n_diff_train - fp)) / int(train.sum())
         best = int(np.argmax(acc_train))
+        best_thresholds[k] = ACCURACY_THRESHOLDS[best]
 
         t_same, t_diff = issame[test], ~issame[test]
         tp, fp = _count_accepted(fold_dist[test], t_same, ACCURACY_THRESHOLDS)
@@ -134,7 +168,10 @@ def evaluate(
         accepted = dist[test] < threshold
         val[k] = _ratio(np.sum(accepted & t_same), n_same_test)
         far[k] = _ratio(np.sum(accepted & t_diff), n_diff_test)
-    return tprs.mean(axis=0), fprs.mean(axis=0), accuracy, float(val.mean()), float(val.std()), float(far.mean())
+    return VerificationResult(
+        fold_accuracy=accuracy, fold_thresholds=best_thresholds, tpr=tprs.mean(axis=0), fpr=fprs.mean(axis=0),
+        val=float(val.mean()), val_std=float(val.std()), far=float(far.mean()),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,8 +229,7 @@ def _embed_batches(
                 idx = indices[start : start + batch_size]
                 pair = []
                 for source in (images, flipped):
-                    x = source[idx].to(device, non_blocking=True).float()
-                    x = x.div_(255).sub_(0.5).div_(0.5)
+                    x = normalize_batch(source[idx].to(device, non_blocking=True))
                     with autocast:
                         out = model(x).float()
                     # float16's range is small: a network whose BatchNorm statistics are not yet
@@ -205,7 +241,7 @@ def _embed_batches(
                 outputs.append(torch.stack(pair, dim=1))
                 if progress is not None:
                     progress(idx.numel())
-    else:  # an Embedder (utils/embedder.py): normalises itself, returns numpy
+    else:  # an Embedder (eval/embedder.py): normalises itself, returns numpy
         for start in range(0, indices.numel(), batch_size):
             idx = indices[start : start + batch_size]
             pair = [torch.from_numpy(np.asarray(model.embed(source[idx]), dtype=np.float32)) for source in (images, flipped)]

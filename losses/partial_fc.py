@@ -285,7 +285,6 @@ class PartialFC(nn.Module):
         self.num_subcenters = num_subcenters
         self.num_sample = max(1, int(self.sample_rate * self.num_local))  # classes (each with its K rows)
         self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local * num_subcenters, embedding_size)))
-        self.last_num_sampled = self.num_local  # classes, for logging
 
     def extra_repr(self) -> str:
         return (
@@ -387,7 +386,6 @@ class PartialFC(nn.Module):
         rows = None
         if self.sample_rate < 1.0:
             index, local_targets = self.sample(local_targets)
-            self.last_num_sampled = int(index.numel())
             rows = subcenter_rows(index, self.num_subcenters)
 
         cosines = _CosineLogits.apply(F.normalize(embeddings), self.weight, rows, self.matmul_dtype)

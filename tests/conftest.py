@@ -1,14 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
-# The repository root holds the top-level packages (backbones, losses, dataset, utils).
+# The repository root, tests/ and tools/ are on sys.path through pytest's `pythonpath`
+# (pyproject.toml).
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-TESTS = Path(__file__).resolve().parent
-if str(TESTS) not in sys.path:
-    sys.path.insert(0, str(TESTS))
 
 # Reference files written by the real third-party tools (mxnet, Python 2). ARCFACE_TESTDATA
 # points elsewhere when the checkout travels without its sibling folder (e.g. to a GPU box).

@@ -101,21 +101,73 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300):
     return [results[r] for r in range(world_size)]
 
 
-def run_script(args, *, cwd=REPO_ROOT, env=None, timeout=600, check=True):
-    """Run a command (list) with the test interpreter's environment; return CompletedProcess."""
+def _script_env(env):
     full_env = dict(os.environ)
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env["PYTHONUNBUFFERED"] = "1"
     if env:
         full_env.update(env)
-    proc = subprocess.run(
-        [str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
-    if check and proc.returncode != 0:
+    return full_env
+
+
+def _check(proc, args):
+    if proc.returncode != 0:
         raise AssertionError(
             f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}"
         )
+
+
+def run_script(args, *, cwd=REPO_ROOT, env=None, timeout=600, check=True):
+    """Run a command (list) with the test interpreter's environment; return CompletedProcess."""
+    proc = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=_script_env(env), capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        _check(proc, args)
+    return proc
+
+
+def run_script_on_terminal(args, *, cwd=REPO_ROOT, env=None, timeout=600, check=True):
+    """`run_script` with stderr on a pseudo-terminal, as when a user runs the command by hand:
+    progress bars are drawn. `proc.stderr` is what the terminal received."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    received = []
+
+    def drain():  # concurrently, so a full terminal buffer never blocks the command
+        while True:
+            try:
+                data = os.read(master, 1 << 16)
+            except OSError:  # EIO: the command closed its end
+                return
+            if not data:
+                return
+            received.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        with subprocess.Popen(
+            [str(a) for a in args], cwd=cwd, env=_script_env(env), stdout=subprocess.PIPE, stderr=slave, text=True
+        ) as popen:
+            os.close(slave)
+            slave = None
+            stdout, _ = popen.communicate(timeout=timeout)
+        reader.join(timeout=10)
+    finally:
+        if slave is not None:
+            os.close(slave)
+        os.close(master)
+    proc = subprocess.CompletedProcess(args, popen.returncode, stdout, b"".join(received).decode(errors="replace"))
+    if check:
+        _check(proc, args)
     return proc
 
 

@@ -8,8 +8,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backbones import available_models, get_model
+from backbones.weights import load_backbone_weights
 from conftest import SHARED_TESTDATA
 
 REFERENCE_KEYS = json.loads((SHARED_TESTDATA / "backbone_keys.json").read_text())
@@ -57,17 +59,81 @@ def test_output_shape_for_every_backbone(name):
     assert tuple(out.shape) == (3, 256) and out.dtype == torch.float32
 
 
-@pytest.mark.parametrize("name", ["r18", "mbf", "vit_t"])
-def test_reference_shaped_weights_load_strictly_and_give_the_same_embedding(name):
-    """A state_dict with insightface's keys (what its released model.pt holds) loads with strict=True."""
-    torch.manual_seed(0)
-    source = get_model(name).eval()
-    weights = {k: v.clone() for k, v in source.state_dict().items()}
-    target = get_model(name).eval()
-    target.load_state_dict(weights, strict=True)
-    x = torch.rand(2, 3, 112, 112) * 2 - 1
+def _reference_shaped_weights(name: str, seed: int = 0) -> dict:
+    """Random weights built from the reference key list alone (insightface's names and shapes),
+    not from our model. Scaled so that a signal survives the depth: matrices and kernels
+    ~ 1/sqrt(fan-in), norm gains near 1, PReLU slopes (a 1-d weight without a bias) in (0, 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = {key for key, _ in REFERENCE_KEYS[name]}
+    weights = {}
+    for key, shape in REFERENCE_KEYS[name]:
+        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) >= 2 else 1
+        if key.endswith("num_batches_tracked"):
+            weights[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            weights[key] = torch.rand(shape, generator=g) + 0.5
+        elif key.endswith(".weight") and len(shape) == 1:
+            prelu = key.removesuffix("weight") + "bias" not in keys
+            weights[key] = torch.rand(shape, generator=g) * 0.5 if prelu else torch.rand(shape, generator=g) + 0.5
+        elif len(shape) >= 2 and key.endswith(".weight"):
+            weights[key] = torch.randn(shape, generator=g) / fan_in**0.5
+        else:  # biases, running means, positional embedding, mask token
+            weights[key] = torch.randn(shape, generator=g) * 0.1
+    return weights
+
+
+def _bn(x, w, prefix, eps):
+    return F.batch_norm(x, w[f"{prefix}.running_mean"], w[f"{prefix}.running_var"], w[f"{prefix}.weight"],
+                        w[f"{prefix}.bias"], training=False, eps=eps)
+
+
+# Per network, computed by hand from the weights by their insightface names (REFERENCE.md 1):
+# the stem (the module whose output it is, and the formula) and the embedding head (the last
+# Linear, given its input, then the last BatchNorm1d: the network's output).
+HAND_COMPUTED = {
+    "r18": dict(
+        stem="prelu",
+        stem_fn=lambda w, x: F.prelu(_bn(F.conv2d(x, w["conv1.weight"], padding=1), w, "bn1", 1e-5), w["prelu.weight"]),
+        linear="fc", head_fn=lambda w, h: _bn(F.linear(h, w["fc.weight"], w["fc.bias"]), w, "features", 1e-5),
+    ),
+    "mbf": dict(
+        stem="layers.0",
+        stem_fn=lambda w, x: F.prelu(
+            _bn(F.conv2d(x, w["layers.0.layers.0.weight"], stride=2, padding=1), w, "layers.0.layers.1", 1e-5),
+            w["layers.0.layers.2.weight"]),
+        linear="features.layers.2",
+        head_fn=lambda w, h: _bn(F.linear(h, w["features.layers.2.weight"]), w, "features.layers.3", 1e-5),
+    ),
+    "vit_t": dict(
+        stem="patch_embed",
+        stem_fn=lambda w, x: F.conv2d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=9)
+        .flatten(2).transpose(1, 2),
+        linear="feature.2", head_fn=lambda w, h: _bn(F.linear(h, w["feature.2.weight"]), w, "feature.3", 2e-5),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HAND_COMPUTED))
+def test_released_weights_load_by_name_and_compute_what_insightface_names_mean(name, tmp_path):
+    """Weights shaped like insightface's release (a DDP `module.` checkpoint, as its training
+    writes) load strictly through the one weight loader, and the loaded network computes its
+    stem and its embedding head from them exactly as the reference formulas do."""
+    weights = _reference_shaped_weights(name)
+    path = tmp_path / "backbone.pth"
+    torch.save({f"module.{k}": v for k, v in weights.items()}, path)
+    model = load_backbone_weights(path, name).eval()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+    spec = HAND_COMPUTED[name]
+    seen = {}
+    model.get_submodule(spec["stem"]).register_forward_hook(lambda m, i, o: seen.update(stem=o))
+    model.get_submodule(spec["linear"]).register_forward_hook(lambda m, i, o: seen.update(head_input=i[0]))
+    x = torch.rand(2, 3, 112, 112, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(target(x), source(x))
+        out = model(x)
+        torch.testing.assert_close(seen["stem"], spec["stem_fn"](weights, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, spec["head_fn"](weights, seen["head_input"]), rtol=1e-5, atol=1e-5)
+    assert out.shape == (2, 512) and (out[0] - out[1]).abs().mean() > 0.05  # the output depends on the input
 
 
 @pytest.mark.parametrize("name", ["r18", "mbf", "vit_t"])
@@ -127,9 +193,16 @@ def test_vit_masks_patches_in_training_only():
     torch.manual_seed(0)
     model = get_model("vit_t", num_features=32)
     x = torch.rand(2, 3, 112, 112) * 2 - 1
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), model(x))
+    outputs = {}
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        with torch.no_grad():
+            outputs[mode] = []
+            for seed in (1, 2):  # another random state: other patches would be dropped
+                torch.manual_seed(seed)
+                outputs[mode].append(model(x))
+    torch.testing.assert_close(outputs["eval"][0], outputs["eval"][1], rtol=0, atol=0)  # nothing random in eval
+    assert not torch.allclose(outputs["train"][0], outputs["train"][1])
     seen = []
     model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape[1]) and None)
     model.train()

@@ -62,7 +62,7 @@ def _expected(net, path):
         raw = net((images.float() / 255 - 0.5) / 0.5)
         raw_flip = net((flipped.float() / 255 - 0.5) / 0.5)
     emb = torch.nn.functional.normalize(raw + raw_flip, dim=1).numpy()
-    _, _, acc, *_ = evaluate(emb, issame)
+    acc = evaluate(emb, issame).fold_accuracy
     return float(np.mean(acc)), float(np.std(acc)), float(torch.cat([raw, raw_flip]).norm(dim=1).mean())
 
 

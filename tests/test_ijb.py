@@ -2,19 +2,16 @@
 synthetic release-layout folder whose expected TAR follows from its construction."""
 from __future__ import annotations
 
-import sys
-
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from helpers import PYTHON, REPO_ROOT, run_script
+import eval_ijb  # tools/ is on sys.path (pyproject.toml)
 from eval.face_align import ARCFACE_TEMPLATE
 from eval.onnx_export import export_onnx
-
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-import eval_ijb  # noqa: E402
+from helpers import PYTHON, REPO_ROOT, run_script, run_script_on_terminal
+from utils.errors import EXIT_USER_ERROR
 
 SCRIPT = REPO_ROOT / "tools" / "eval_ijb.py"
 
@@ -44,6 +41,23 @@ def test_tar_at_far_takes_the_nearest_far_and_the_highest_tar_on_ties():
     # 1e-6 -> fpr 0 (top of that run: 0.5); 1e-3 -> 0.7; 4e-3 -> nearest 1e-3 -> 0.7;
     # 0.375 is equally far from 0.25 and 0.5 -> the higher point, 0.9; 0.6 -> 0.5 -> 0.9.
     np.testing.assert_allclose(got, [0.5, 0.7, 0.7, 0.9, 0.9])
+
+
+def test_roc_corners_keep_the_exact_curve_in_few_points():
+    rng = np.random.default_rng(2)
+    labels = np.zeros(20_000, dtype=bool)
+    labels[:200] = True  # few genuine pairs among many impostors, as in IJB-C
+    scores = rng.normal(size=labels.size) + 2.5 * labels
+    scores[:20] = np.round(scores[:20], 1)  # a few ties: diagonal steps
+    scores[-20:] = scores[:20]
+    fpr, tpr, _ = eval_ijb.roc_curve(labels, scores)
+    keep = eval_ijb.roc_corners(fpr, tpr)
+    assert keep[0] == 0 and keep[-1] == len(fpr) - 1
+    assert len(keep) <= 2 * labels.sum() + 2 * 20 + 2 < len(fpr) / 20
+    far = np.sort(np.r_[rng.random(5000) ** 4, fpr[::97]])  # dense at small FARs, and on the ROC's own points
+    # The curve through the corners is the whole curve: the same TPR at every FAR (np.interp
+    # takes the top of a vertical run, as the step curve does).
+    np.testing.assert_allclose(np.interp(far, fpr[keep], tpr[keep]), np.interp(far, fpr, tpr), atol=1e-12)
 
 
 def test_roc_needs_both_classes():
@@ -166,14 +180,16 @@ def ijb_release(tmp_path_factory):
 def test_cli_reports_the_tar_built_into_the_data(ijb_release, tmp_path):
     root, model, expected_tar, pairs = ijb_release
     out = tmp_path / "result"
-    proc = run_script(
+    proc = run_script_on_terminal(
         [PYTHON, SCRIPT, "--model", model, "--image-path", root, "--target", "IJBC", "--result-dir", out,
-         "--use-flip", "--use-detector-score", "--batch-size", "4", "--workers", "2"]
+         "--use-flip", "--use-detector-score", "--batch-size", "4", "--workers", "2"],
+        env={"CI": ""},
     )
     row = next(line for line in proc.stdout.splitlines() if line.startswith("cells-IJBC"))
     tars = [float(v) for v in row.split()[1:]]
     assert tars == [pytest.approx(100 * expected_tar)] * 6
-    assert "ETA" in proc.stderr  # progress while embedding
+    n_faces = len((root / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines())
+    assert "IJBC: embedding" in proc.stderr and f"{n_faces}/{n_faces}" in proc.stderr  # the bar at a terminal
 
     scores = np.load(out / "ijbc.npy")
     assert scores.shape == (len(pairs),)
@@ -184,7 +200,13 @@ def test_cli_reports_the_tar_built_into_the_data(ijb_release, tmp_path):
     assert np.all(np.abs(scores[labels == 0]) < 0.8)
     assert (out / "ijbc_tar_at_far.txt").read_text().strip().splitlines()[1] == row.strip()
     png = cv2.imread(str(out / "ijbc_roc.png"))
-    assert png is not None and png.shape[0] > 200 and png.std() > 10
+    assert png is not None and png.shape[:2] == (640, 960) and png.std() > 10
+    roc = np.genfromtxt(out / "ijbc_roc.csv", delimiter=",", names=True)
+    assert roc.dtype.names == ("fpr", "tpr", "threshold")
+    fpr, tpr, _ = eval_ijb.roc_curve(labels, scores)  # the file holds the exact curve's corners
+    assert roc["fpr"][0] == 0 and roc["fpr"][-1] == 1 and np.all(np.diff(roc["fpr"]) >= 0)
+    far = np.r_[eval_ijb.FAR_LEVELS, fpr]
+    np.testing.assert_allclose(np.interp(far, roc["fpr"], roc["tpr"]), np.interp(far, fpr, tpr), atol=1e-9)
 
 
 def test_cli_missing_image_is_one_clear_line(ijb_release, tmp_path):
@@ -198,6 +220,6 @@ def test_cli_missing_image_is_one_clear_line(ijb_release, tmp_path):
         [PYTHON, SCRIPT, "--model", model, "--image-path", broken, "--target", "IJBC", "--result-dir", tmp_path / "o"],
         check=False,
     )
-    assert proc.returncode == 1
+    assert proc.returncode == EXIT_USER_ERROR
     assert "Traceback" not in proc.stderr
     assert f"image not found: {broken / 'loose_crop' / '1.jpg'}" in proc.stderr

@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from backbones import get_model
+from backbones.weights import WeightsError
 from conftest import SHARED_TESTDATA
-from helpers import PYTHON, REPO_ROOT, run_script
+from helpers import PYTHON, REPO_ROOT, run_script, run_script_on_terminal
 from eval.embedder import EmbedderError, load_embedder
 from eval.face_align import ARCFACE_TEMPLATE
 from eval.onnx_export import export_onnx
 from dataset.verification_bin import load_bin, write_bin
+from utils.errors import EXIT_USER_ERROR
 
 TOOLS = REPO_ROOT / "tools"
 
@@ -80,7 +82,7 @@ def test_training_checkpoint_with_ddp_prefixes_loads(models, tmp_path):
 
 def test_weights_of_another_network_are_refused_by_name(models):
     pt, _ = models
-    with pytest.raises(EmbedderError) as err:
+    with pytest.raises(WeightsError) as err:
         load_embedder(str(pt), network="r18")
     message = str(err.value)
     assert str(pt) in message and "'r18'" in message and "missing" in message
@@ -155,7 +157,7 @@ def test_pack_bin_errors_name_the_file_or_line(tmp_path, pairs_text, expected):
     pairs.write_text(pairs_text)
     out = tmp_path / "out.bin"
     proc = run_script([PYTHON, TOOLS / "pack_bin.py", folder, pairs, out], check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr
     assert expected.format(folder=folder, pairs=pairs) in proc.stderr
     assert not out.exists()
 
@@ -172,11 +174,14 @@ def test_eval_verification_gives_the_same_accuracy_for_pt_and_onnx(models, small
     pt, onnx_path = models
     rows = {}
     for model, extra in ((pt, ["--network", "mbf"]), (onnx_path, [])):
-        proc = run_script(
-            [PYTHON, TOOLS / "eval_verification.py", model, "--bins", small_bin, "--batch-size", "8", *extra]
-        )
+        args = [PYTHON, TOOLS / "eval_verification.py", model, "--bins", small_bin, "--batch-size", "8", *extra]
+        if model == pt:  # at a terminal: a progress bar with the count, rate and time left
+            proc = run_script_on_terminal(args, env={"CI": ""})
+            assert "lfw_small: embedding" in proc.stderr and "20/20" in proc.stderr and "img/s" in proc.stderr
+        else:  # captured (not a terminal): no bar, nothing but the table
+            proc = run_script(args)
+            assert "embedding" not in proc.stderr and "\r" not in proc.stderr
         rows[model.suffix] = _table_row(proc.stdout, "lfw_small")
-        assert "ETA" in proc.stderr
     pt_row, onnx_row = rows[".pt"], rows[".onnx"]
     assert pt_row[1] == "10"  # pairs
     assert pt_row[2:5] == onnx_row[2:5]  # accuracy +- std
@@ -187,7 +192,7 @@ def test_eval_verification_missing_bin_is_one_line(models, tmp_path):
     proc = run_script(
         [PYTHON, TOOLS / "eval_verification.py", models[1], "--bins", tmp_path / "nope.bin"], check=False
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in proc.stderr
     assert f"verification set not found: {tmp_path / 'nope.bin'}" in proc.stderr
 
 
@@ -240,4 +245,43 @@ def test_inference_cli_aligns_with_landmarks_and_warns_on_resize(models, tmp_pat
         [PYTHON, TOOLS / "inference.py", "--weight", onnx_path, "--img", tmp_path / "photo.png", "--align", "1", "2"],
         check=False,
     )
-    assert proc.returncode == 1 and "10 numbers per image" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "10 numbers per image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_inference_cli_embeds_a_folder_into_one_file(models, tmp_path):
+    pt, _ = models
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "faces"
+    names = ["p1/a.jpg", "p1/b.png", "p2/c.bmp", "top.png", "p2/deep/d.jpg"]
+    pixels = {}
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        pixels[name] = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / name), pixels[name])
+    cv2.imwrite(str(folder / "p2" / "wide.png"), rng.integers(0, 256, (100, 140, 3), dtype=np.uint8))
+    (folder / "notes.txt").write_text("not an image")
+    (folder / ".hidden").mkdir()
+    cv2.imwrite(str(folder / ".hidden" / "x.png"), pixels["top.png"])
+    out = tmp_path / "faces.npz"
+    args = [PYTHON, TOOLS / "inference.py", "--network", "mbf", "--weight", pt, "--folder", folder, "--output", out,
+            "--batch-size", "2", "--workers", "2"]
+    proc = run_script_on_terminal(args, env={"CI": ""})
+    assert "embedding" in proc.stderr and "6/6" in proc.stderr  # the bar, at a terminal
+    assert "1 of 6 images were not 112x112" in proc.stderr and "p2/wide.png" in proc.stderr
+
+    saved = np.load(out)
+    assert saved["names"].tolist() == sorted(names + ["p2/wide.png"])
+    embeddings, norms = saved["embeddings"], saved["norms"]
+    assert embeddings.shape == (6, 512) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    # Each row is its own image's embedding (names and rows stay together across batches).
+    embedder = load_embedder(str(pt), network="mbf")
+    for row, name in enumerate(saved["names"]):
+        if name in pixels:
+            decoded = cv2.imread(str(folder / name))  # JPEG is lossy: what the file holds
+            want = embedder.embed(decoded[:, :, ::-1].transpose(2, 0, 1)[None].copy())[0]
+            np.testing.assert_allclose(norms[row], np.linalg.norm(want), rtol=1e-4)
+            np.testing.assert_allclose(embeddings[row], want / np.linalg.norm(want), atol=2e-5)
+
+    bad = run_script([*args[:-6], "--folder", tmp_path / "none", "--output", out], check=False)
+    assert bad.returncode == EXIT_USER_ERROR and bad.stderr.strip() == f"error: image folder not found: {tmp_path / 'none'}"

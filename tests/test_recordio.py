@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import struct
 
 import cv2
@@ -170,15 +172,31 @@ def test_index_that_skips_records_still_reads_them(tmp_path):
     assert unpack(reader.read(1))[1] == b"\1" * 101
 
 
-def test_reader_reopens_file_in_a_new_process_id(reader, monkeypatch):
-    reader.read(1)
-    first_fd = reader._fd
-    monkeypatch.setattr("os.getpid", lambda: -12345)  # as a forked worker would see it
-    reader.read(2)
-    assert reader._pid == -12345 and reader._fd is not None
-    state = reader.__getstate__()
-    assert state["_fd"] is None and state["_pid"] is None  # never pickled with a handle
-    assert first_fd is not None
+def _read_in_child(reader, keys, queue):
+    records = [reader.read(k) for k in keys]
+    queue.put((os.getpid(), reader._pid, records))
+    reader.close()  # closes the child's own handle; the parent's stays open
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_child_process_reads_the_same_records_through_its_own_handle(reader, method):
+    """A DataLoader worker gets the reader by fork (the parent's open handle inherited) or by
+    spawn (pickled, without a handle): either way it opens its own and reads the same bytes,
+    and the parent keeps reading through its handle afterwards."""
+    keys = [int(k) for k in reader.keys[:8]]
+    parent_bytes = [reader.read(k) for k in keys]  # the parent's handle is open before the child starts
+    parent_fd = reader._fd
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(reader, keys, queue))
+    child.start()
+    child_pid, handle_pid, child_bytes = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert handle_pid == child_pid != os.getpid()  # the child's reads went through a handle it opened
+    assert child_bytes == parent_bytes
+    assert reader._fd == parent_fd and reader._pid == os.getpid()
+    assert [reader.read(k) for k in reversed(keys)] == parent_bytes[::-1]
 
 
 # ---------------------------------------------------------------- bad files

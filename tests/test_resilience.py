@@ -179,7 +179,7 @@ def test_merge_and_split_tool(two_rank_run, merged, tmp_path):
 
     one_shard = two_rank_run / "checkpoints" / "step_000000003" / "checkpoint_gpu_1.pt"
     refused = run_script([PYTHON, TOOL, "split", one_shard, tmp_path / "x", "--world-size=2"], check=False)
-    assert refused.returncode == 1 and "merge the set first" in refused.stderr
+    assert refused.returncode == 2 and "merge the set first" in refused.stderr
 
 
 @pytest.fixture(scope="module")

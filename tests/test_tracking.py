@@ -381,7 +381,7 @@ import sys
 from test_tracking import make_cfg, simulated_training
 from utils.distributed import DistContext
 from utils.log import setup_logging
-setup_logging(None, 0)
+setup_logging(0)
 cfg = make_cfg(sys.argv[1], using_wandb=True, wandb_key=sys.argv[2], save_artifacts=True)
 tracker = simulated_training(cfg, DistContext())
 assert tracker.run is None

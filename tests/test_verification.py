@@ -173,7 +173,7 @@ def _reference_evaluate(embeddings, issame, n_folds=10, pca=0):
     val_thresholds = np.arange(0, 4, 0.001)
     tprs = np.zeros((n_folds, len(thresholds)))
     fprs = np.zeros((n_folds, len(thresholds)))
-    acc, vals, fars = [], [], []
+    acc, vals, fars, best_thresholds = [], [], [], []
     for f, test in enumerate(_reference_folds(n, n_folds)):
         in_test = set(test)
         train = [i for i in range(n) if i not in in_test]
@@ -181,6 +181,7 @@ def _reference_evaluate(embeddings, issame, n_folds=10, pca=0):
         d_train, s_train, d_test, s_test = dist[train], issame[train], dist[test], issame[test]
         acc_train = [_reference_accuracy(t, d_train, s_train)[2] for t in thresholds]
         best = thresholds[int(np.argmax(acc_train))]
+        best_thresholds.append(best)
         for j, t in enumerate(thresholds):
             tprs[f, j], fprs[f, j], _ = _reference_accuracy(t, d_test, s_test)
         acc.append(_reference_accuracy(best, d_test, s_test)[2])
@@ -200,7 +201,7 @@ def _reference_evaluate(embeddings, issame, n_folds=10, pca=0):
         v, fa = _reference_val_far(threshold, dist_all[test], issame[test])
         vals.append(v)
         fars.append(fa)
-    return tprs.mean(0), fprs.mean(0), np.array(acc), np.mean(vals), np.std(vals), np.mean(fars)
+    return tprs.mean(0), fprs.mean(0), np.array(acc), np.mean(vals), np.std(vals), np.mean(fars), np.array(best_thresholds)
 
 
 def _seeded_pairs(n_pairs, dim, seed, same_fraction=0.5, noise=1.2):
@@ -223,11 +224,14 @@ def test_evaluate_matches_a_loop_implementation(n_pairs, dim, seed, pca):
     emb, issame = _seeded_pairs(n_pairs, dim, seed)
     got = evaluate(emb, issame, nrof_folds=10, pca=pca)
     want = _reference_evaluate(emb.astype(np.float64), issame, pca=pca)
-    np.testing.assert_allclose(got[0], want[0], atol=1e-12)  # tpr per threshold
-    np.testing.assert_allclose(got[1], want[1], atol=1e-12)  # fpr per threshold
-    np.testing.assert_allclose(got[2], want[2], atol=1e-12)  # accuracy per fold
-    np.testing.assert_allclose(got[3:], want[3:], atol=1e-12)  # val, val_std, far
-    assert 0.5 < got[2].mean() < 1.0  # neither trivial nor degenerate data
+    np.testing.assert_allclose(got.tpr, want[0], atol=1e-12)  # tpr per threshold
+    np.testing.assert_allclose(got.fpr, want[1], atol=1e-12)  # fpr per threshold
+    np.testing.assert_allclose(got.fold_accuracy, want[2], atol=1e-12)  # accuracy per fold
+    np.testing.assert_allclose([got.val, got.val_std, got.far], want[3:6], atol=1e-12)
+    np.testing.assert_allclose(got.fold_thresholds, want[6], atol=1e-12)  # best threshold per fold
+    assert got.accuracy == pytest.approx(np.mean(want[2])) and got.accuracy_std == pytest.approx(np.std(want[2]))
+    assert got.best_threshold == pytest.approx(np.mean(want[6]))
+    assert 0.5 < got.accuracy < 1.0  # neither trivial nor degenerate data
 
 
 def test_evaluate_val_on_many_impostors_reaches_the_far_target():
@@ -241,8 +245,8 @@ def test_evaluate_val_on_many_impostors_reaches_the_far_target():
     emb[1::2][issame] = emb[0::2][issame] + 0.3 * rng.normal(size=(issame.sum(), 8))
     got = evaluate(emb, issame)
     want = _reference_evaluate(emb.astype(np.float64), issame)
-    np.testing.assert_allclose(got[3:], want[3:], atol=1e-12)
-    assert 0 < got[5] < 3e-3 and got[3] > 0.5
+    np.testing.assert_allclose([got.val, got.val_std, got.far], want[3:6], atol=1e-12)
+    assert 0 < got.far < 3e-3 and got.val > 0.5
 
 
 def test_threshold_interpolation_on_repeated_far_values():
@@ -262,10 +266,10 @@ def test_threshold_interpolation_on_repeated_far_values():
 
 def test_zero_denominators_give_zero_rates():
     emb, _ = _seeded_pairs(50, 8, 4)
-    tpr, fpr, acc, val, val_std, far = evaluate(emb, [False] * 50)
-    assert np.all(tpr == 0) and far >= 0 and val == 0
-    tpr, fpr, acc, val, val_std, far = evaluate(emb, [True] * 50)
-    assert np.all(fpr == 0) and far == 0
+    result = evaluate(emb, [False] * 50)
+    assert np.all(result.tpr == 0) and result.far >= 0 and result.val == 0
+    result = evaluate(emb, [True] * 50)
+    assert np.all(result.fpr == 0) and result.far == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,11 +313,11 @@ def test_pairs_at_distance_zero_are_not_accepted_at_threshold_zero():
     emb, issame = _seeded_pairs(100, 8, 5)
     same = np.flatnonzero(issame)
     emb[2 * same + 1] = emb[2 * same]
-    tpr, fpr, acc, *_ = evaluate(emb, issame)
-    assert tpr[0] == 0 and tpr[1] == 1
+    result = evaluate(emb, issame)
+    assert result.tpr[0] == 0 and result.tpr[1] == 1
     want = _reference_evaluate(emb.astype(np.float64), issame)
-    np.testing.assert_allclose(tpr, want[0], atol=1e-12)
-    np.testing.assert_allclose(acc, want[2], atol=1e-12)
+    np.testing.assert_allclose(result.tpr, want[0], atol=1e-12)
+    np.testing.assert_allclose(result.fold_accuracy, want[2], atol=1e-12)
 
 
 def test_python3_protocol2_bin_loads(tmp_path):

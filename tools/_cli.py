@@ -1,10 +1,21 @@
-"""What the command-line tools share: the repository on sys.path, user errors as one
-line on stderr, and a progress line with rate and ETA."""
+"""What the command-line tools share: the repository on sys.path and one way to end.
+
+The tools are run as scripts (`python tools/pack_rec.py ...`, the command lines
+users know), so Python puts `tools/` on sys.path, not the repository root that
+holds `utils/`, `dataset/`, `eval/`, ... Every tool imports this module first
+(`from _cli import run_main`), and this is the one place that adds the root.
+(Making `tools/` a package would change those command lines to `python -m tools.x`.)
+
+`run_main(main)` is the exit convention of every entry point: a
+`utils.errors.UserError` (bad config, data, checkpoint, verification set, model
+file or argument) is printed as one line `error: ...` on stderr and the process
+exits with `EXIT_USER_ERROR` (2, the code argparse uses for a bad command line);
+any other exception is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -12,23 +23,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from utils.log import format_duration  # noqa: E402  (needs the path above)
+from utils.errors import EXIT_USER_ERROR, UserError  # noqa: E402  (needs the path above)
 
-
-class UserError(Exception):
-    """Bad input the user can fix; printed as one line, no traceback."""
+__all__ = ["EXIT_USER_ERROR", "REPO_ROOT", "UserError", "run_main"]
 
 
 def run_main(main: Callable[[], int | None]) -> None:
-    """Run `main`, turning the project's input errors into `error: ...` on stderr and exit code 1."""
-    from eval.embedder import EmbedderError
-    from dataset.verification_bin import VerificationSetError
-
+    """Run `main` and exit: its return code, EXIT_USER_ERROR with one `error:` line for input
+    errors, 130 on Ctrl-C."""
     try:
         code = main()
-    except (UserError, EmbedderError, VerificationSetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except UserError as e:
+        _fail(str(e))
+    except FileNotFoundError as e:  # a path from the command line that does not exist
+        _fail(str(e))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
@@ -38,29 +46,6 @@ def run_main(main: Callable[[], int | None]) -> None:
     sys.exit(code or 0)
 
 
-class Progress:
-    """`label  done/total  rate/s  ETA m:ss` on stderr, rewritten in place at most every `interval` s."""
-
-    def __init__(self, label: str, total: int, unit: str = "img", interval: float = 0.5, stream=None):
-        self.label, self.total, self.unit, self.interval = label, total, unit, interval
-        self.stream = stream if stream is not None else sys.stderr
-        self.done = 0
-        self.start = self.last_print = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last_print >= self.interval or self.done >= self.total:
-            self.last_print = now
-            self._print(now)
-
-    def _print(self, now: float) -> None:
-        elapsed = max(now - self.start, 1e-9)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        end = "\n" if self.done >= self.total else ""
-        self.stream.write(
-            f"\r{self.label}  {self.done}/{self.total} {self.unit}  {rate:.1f} {self.unit}/s  "
-            f"ETA {format_duration(eta)}  elapsed {format_duration(elapsed)}   {end}"
-        )
-        self.stream.flush()
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

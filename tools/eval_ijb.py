@@ -13,8 +13,9 @@ Every face is aligned with its five landmarks and embedded (plus its mirror imag
 with --use-flip, the two embeddings summed; times its detector score with
 --use-detector-score). A template is the sum over its medias of the mean
 embedding within each media, L2-normalised; a pair's score is the cosine of its
-two templates. Writes <t>.npy (scores in pair-file order), <t>_roc.png and
-<t>_tar_at_far.txt into RESULT_DIR.
+two templates. Writes <t>.npy (scores in pair-file order), <t>_tar_at_far.txt,
+<t>_roc.png and <t>_roc.csv (the ROC's corner points: fpr, tpr, threshold, exact
+and small enough to re-plot several models together) into RESULT_DIR.
 """
 from __future__ import annotations
 
@@ -23,11 +24,14 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
-from _cli import Progress, UserError, run_main  # first: puts the repository on sys.path
+from _cli import run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np
 import torch
+
+from utils.errors import UserError
+from utils.progress import progress_bar
 
 FAR_LEVELS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 PAIR_CHUNK = 1 << 20  # pairs scored at once: bounds the temporary [chunk, D] arrays
@@ -146,9 +150,8 @@ def embed_faces(
     if missing is not None:
         raise UserError(f"image not found: {missing}")
     starts = list(range(0, len(paths), batch_size))
-    progress = Progress(label, len(paths))
     chunks = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, progress_bar(total=len(paths), desc=label) as bar:
 
         def submit(start):
             stop = min(start + batch_size, len(paths))
@@ -163,7 +166,7 @@ def embed_faces(
                 chunks.append(both[: len(faces)] + both[len(faces) :])
             else:
                 chunks.append(embedder.embed(faces))
-            progress.update(len(faces))
+            bar.update(len(faces))
             pending = upcoming
     return np.concatenate(chunks).astype(np.float32, copy=False)
 
@@ -241,6 +244,22 @@ def tar_at_far(fpr: np.ndarray, tpr: np.ndarray, far_levels: Sequence[float] = F
     return np.asarray(out)
 
 
+def roc_corners(fpr: np.ndarray, tpr: np.ndarray) -> np.ndarray:
+    """Indices of the ROC points where the curve turns: the same piecewise-linear curve
+    without the points inside straight vertical or horizontal runs.
+
+    An ROC over millions of impostor pairs has millions of points, but between two
+    genuine pairs it only runs right: the corners are about twice the genuine count, and
+    interpolating them gives the curve's TPR at any FAR. (The TAR@FAR table, which takes
+    the nearest measured point, is computed from the full curve.)
+    """
+    dx, dy = np.diff(fpr), np.diff(tpr)
+    # Direction of each segment: 1 up, 2 right, 3 both (tied scores), 0 none.
+    direction = (dy > 0).astype(np.int8) + 2 * (dx > 0).astype(np.int8)
+    turns = (direction[1:] != direction[:-1]) | (direction[1:] == 3)
+    return np.flatnonzero(np.r_[True, turns, True]) if len(fpr) > 1 else np.arange(len(fpr))
+
+
 def roc_for_plot(fpr: np.ndarray, tpr: np.ndarray, lowest_far: float = 1e-7, points: int = 2000):
     """The ROC step curve sampled at log-spaced FARs (millions of pairs give millions of points)."""
     grid = np.logspace(np.log10(lowest_far), 0, points)
@@ -272,7 +291,7 @@ def main() -> None:
 
     from utils.atomic_file import atomic_write
     from eval.embedder import load_embedder
-    from eval.plot import line_plot
+    from eval.plot import line_plot, write_csv
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
@@ -306,7 +325,7 @@ def main() -> None:
     templates, template_feats = template_features(features[rows], template_ids, media_ids)
     scores = pair_scores(templates, template_feats, t1, t2, pair_list)
 
-    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr, thresholds = roc_curve(labels, scores)
     tars = tar_at_far(fpr, tpr)
     model_name = os.path.splitext(os.path.basename(args.model))[0]
     table = format_table(f"{model_name}-{args.target}", tars)
@@ -328,7 +347,10 @@ def main() -> None:
         xlim=(1e-6, 1e-1),
         ylim=(min(0.3, np.floor(10 * tars[0]) / 10), 1.0),
     )
-    print(f"scores, table and ROC written to {args.result_dir}")
+    corners = roc_corners(fpr, tpr)
+    write_csv(os.path.join(args.result_dir, f"{t}_roc.csv"),
+              {"fpr": fpr[corners], "tpr": tpr[corners], "threshold": thresholds[corners]})
+    print(f"scores, table and ROC (png, csv) written to {args.result_dir}")
 
 
 if __name__ == "__main__":

@@ -13,14 +13,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from _cli import Progress, UserError, run_main  # first: puts the repository on sys.path
+from _cli import run_main  # first: puts the repository on sys.path
 
-import numpy as np
 import torch
 
+from dataset.verification_bin import load_bin
 from eval.embedder import load_embedder
 from eval.verification import embed_verification_set, evaluate
-from dataset.verification_bin import load_bin
+from utils.errors import UserError
+from utils.progress import progress_bar
 
 
 def evaluate_bins(model_path: str, bins: list[str], network: str | None, batch_size: int, device: str) -> list[dict]:
@@ -29,16 +30,16 @@ def evaluate_bins(model_path: str, bins: list[str], network: str | None, batch_s
     for path in bins:
         name = os.path.splitext(os.path.basename(path))[0]
         data_list, issame = load_bin(path)
-        progress = Progress(f"{name}: embedding", data_list[0].shape[0])
-        embeddings, xnorm = embed_verification_set(data_list, embedder, batch_size, progress=progress.update)
+        with progress_bar(total=data_list[0].shape[0], desc=f"{name}: embedding") as bar:
+            embeddings, xnorm = embed_verification_set(data_list, embedder, batch_size, progress=bar.update)
         try:
-            _, _, accuracy, val, val_std, far = evaluate(embeddings, issame)
+            result = evaluate(embeddings, issame)
         except ValueError as e:
             raise UserError(f"{path}: {e}") from None
         rows.append(
             dict(
-                set=name, pairs=len(issame), acc=float(np.mean(accuracy)), std=float(np.std(accuracy)),
-                xnorm=xnorm, val=val, val_std=val_std, far=far,
+                set=name, pairs=len(issame), acc=result.accuracy, std=result.accuracy_std,
+                xnorm=xnorm, val=result.val, val_std=result.val_std, far=result.far,
             )
         )
     return rows

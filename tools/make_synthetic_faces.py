@@ -16,13 +16,13 @@ import logging
 import os
 import sys
 
-from _cli import UserError, run_main  # first: puts the repository on sys.path
+from _cli import run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np
 
-from dataset.errors import DataError
 from dataset.synthetic_faces import VAL_NAME, identity_images, materialize
+from utils.atomic_file import atomic_write
 
 PREVIEW_ROWS, PREVIEW_COLS = 8, 8
 
@@ -48,19 +48,19 @@ def main() -> None:
     args = parser.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        materialize(
-            args.out_dir, num_identities=args.identities, images_per_identity=args.images_per_identity,
-            num_val_identities=args.val_identities, num_val_pairs=args.val_pairs, seed=args.seed,
-            quality=args.quality, variation=args.variation, workers=args.workers,
-        )
-    except DataError as exc:
-        raise UserError(str(exc)) from None
+    materialize(
+        args.out_dir, num_identities=args.identities, images_per_identity=args.images_per_identity,
+        num_val_identities=args.val_identities, num_val_pairs=args.val_pairs, seed=args.seed,
+        quality=args.quality, variation=args.variation, workers=args.workers,
+    )
     preview = os.path.join(args.out_dir, "preview.png")
     grid = preview_grid(args.seed, min(PREVIEW_ROWS, args.identities), min(PREVIEW_COLS, args.images_per_identity),
                         args.variation)
-    if not cv2.imwrite(preview, grid):
-        raise UserError(f"cannot write {preview}")
+    ok, png = cv2.imencode(".png", grid)
+    if not ok:  # pragma: no cover - PNG encoding of a uint8 image does not fail
+        raise RuntimeError("PNG encoding of the preview failed")
+    with atomic_write(preview) as f:
+        f.write(png.tobytes())
     print(f"{args.out_dir}: train.rec/train.idx/property ({args.identities} identities x {args.images_per_identity} "
           f"images), {VAL_NAME}.bin ({args.val_pairs} pairs of {args.val_identities} held-out identities), "
           f"preview.png")

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from _cli import Progress, UserError, run_main  # first: puts the repository on sys.path
+from _cli import run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np
 
 from dataset.verification_bin import write_bin
+from utils.errors import UserError
+from utils.progress import progress_bar
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -63,14 +65,12 @@ def pack(image_folder: str, pairs_txt: str, out_path: str) -> int:
     pairs = read_pairs(pairs_txt)
     cache: dict[str, bytes] = {}  # an image may appear in many pairs; read it once
     images, issame = [], []
-    progress = Progress("packing", 2 * len(pairs))
-    for rel1, rel2, same in pairs:
+    for rel1, rel2, same in progress_bar(pairs, desc="packing", unit="pair"):
         for rel in (rel1, rel2):
             if rel not in cache:
                 cache[rel] = encoded_image(os.path.join(image_folder, rel))
             images.append(cache[rel])
         issame.append(same)
-        progress.update(2)
     write_bin(out_path, images, issame)
     return len(pairs)
 

@@ -15,26 +15,20 @@ import argparse
 import multiprocessing
 import os
 import sys
-import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _cli import run_main  # first: puts the repository on sys.path
 
 import cv2
 import numpy as np
 
-from dataset.errors import DataError
 from dataset.image_folder import list_image_folder
 from dataset.recordio import write_identity_records
+from utils.errors import UserError
+from utils.progress import progress_bar
 
 IMAGE_SIZE = (112, 112)  # height, width
-EXIT_USER_ERROR = 2
 OUTPUT_FILES = ("train.rec", "train.idx", "property")
-
-
-class PackError(Exception):
-    """A problem with the input that the user must fix; printed as one line."""
 
 
 def encode_image(path: str, quality: int, reencode: bool, resize: bool) -> tuple[bool, bytes | str]:
@@ -69,44 +63,16 @@ def _encode_task(task: tuple[str, int, bool, bool]) -> tuple[bool, bytes | str]:
     return encode_image(*task)
 
 
-class _Progress:
-    """`packed 1200/5000 img  850.3 img/s  ETA 0:04` on stderr, at most twice a second."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream, self.done = total, stream, 0
-        self.start = self.last = time.perf_counter()
-        self.line_open = False  # a progress line without its newline is on the stream
-
-    def end_line(self) -> None:
-        if self.line_open:
-            self.stream.write("\n")
-            self.line_open = False
-
-    def step(self) -> None:
-        self.done += 1
-        now = time.perf_counter()
-        if now - self.last >= 0.5 or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = int((self.total - self.done) / rate) if rate > 0 else 0
-            end = "\n" if self.done == self.total else ""
-            self.stream.write(
-                f"\rpacked {self.done}/{self.total} img  {rate:.1f} img/s  ETA {eta // 60}:{eta % 60:02d}  {end}"
-            )
-            self.stream.flush()
-            self.line_open = not end
-
-
-def _identities(results, counts: list[int], progress: _Progress):
+def _identities(results, counts: list[int], bar):
     """Regroup the ordered per-image results into one list of encoded images per identity."""
     for count in counts:
         images = []
         for _ in range(count):
             ok, value = next(results)
             if not ok:
-                raise PackError(value)
+                raise UserError(value)
             images.append(value)
-            progress.step()
+        bar.update(count)
         yield images
 
 
@@ -119,38 +85,37 @@ def pack_folder(
     reencode: bool = False,
     resize: bool = False,
     overwrite: bool = False,
-    progress_stream=sys.stderr,
 ) -> tuple[int, int]:
     """Pack `image_folder` into `out_dir`; returns (num_classes, num_images)."""
     if not 1 <= quality <= 100:
-        raise PackError(f"--quality must be in 1..100, got {quality}")
+        raise UserError(f"--quality must be in 1..100, got {quality}")
     if workers < 1:
-        raise PackError(f"--workers must be at least 1, got {workers}")
+        raise UserError(f"--workers must be at least 1, got {workers}")
     listing = list_image_folder(image_folder)
     out = Path(out_dir)
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not overwrite:
-        raise PackError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose another OUT_DIR")
+        raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite or choose another OUT_DIR")
     if out.exists() and not out.is_dir():
-        raise PackError(f"OUT_DIR {out} exists and is not a folder")
+        raise UserError(f"OUT_DIR {out} exists and is not a folder")
     created = not out.exists()
     tasks = [(path, quality, reencode, resize) for group in listing.files for path in group]
     counts = [len(group) for group in listing.files]
-    progress = _Progress(len(tasks), progress_stream)
     pool = multiprocessing.Pool(workers) if workers > 1 else None
+    bar = progress_bar(total=len(tasks), desc="packing")
     try:
         results = (
             pool.imap(_encode_task, tasks, chunksize=max(1, min(64, len(tasks) // (8 * workers))))
             if pool
             else map(_encode_task, tasks)
         )
-        return write_identity_records(out, _identities(iter(results), counts, progress), image_size=IMAGE_SIZE)
+        return write_identity_records(out, _identities(iter(results), counts, bar), image_size=IMAGE_SIZE)
     except BaseException:
-        progress.end_line()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
     finally:
+        bar.close()
         if pool is not None:
             pool.terminate()
             pool.join()
@@ -171,9 +136,6 @@ def main(argv: list[str] | None = None) -> int:
             args.image_folder, args.out_dir, quality=args.quality, workers=args.workers,
             reencode=args.reencode, resize=args.resize, overwrite=args.overwrite,
         )
-    except (PackError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; nothing was written", file=sys.stderr)
         return 130
@@ -183,4 +145,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _cli import UserError, run_main  # first: puts the repository on sys.path
+from _cli import run_main  # first: puts the repository on sys.path
+
+from utils.errors import UserError
 
 
 def _source_set(path: Path):
@@ -44,11 +46,8 @@ def merge_command(source: Path, output: Path) -> str:
     if not source.exists():
         raise UserError(f"checkpoint not found: {source}")
     cset = _source_set(source)
-    try:
-        states = [ckpt.load_rank_file(cset.rank_file(r), mmap=True) for r in range(saved_world_size(cset))]
-        merged = merge(states, str(cset.path))
-    except ckpt.CheckpointError as exc:
-        raise UserError(str(exc)) from None
+    states = [ckpt.load_rank_file(cset.rank_file(r), mmap=True) for r in range(saved_world_size(cset))]
+    merged = merge(states, str(cset.path))
     output.parent.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_save(merged, output)
     weight = merged["state_dict_softmax_fc"]["weight"]
@@ -61,14 +60,11 @@ def split_command(merged_path: Path, output: Path, world_size: int) -> str:
 
     if world_size < 1:
         raise UserError(f"--world-size must be at least 1, got {world_size}")
-    try:
-        state = ckpt.load_rank_file(merged_path, mmap=True)
-        if (state.get("world_size") or 1) != 1:
-            raise UserError(f"{merged_path} is one rank's file of a {state['world_size']}-rank set; merge the set first")
-        states = split(state, world_size, str(merged_path))
-        set_dir = ckpt.write_set(output, int(state["global_step"]), states)
-    except ckpt.CheckpointError as exc:
-        raise UserError(str(exc)) from None
+    state = ckpt.load_rank_file(merged_path, mmap=True)
+    if (state.get("world_size") or 1) != 1:
+        raise UserError(f"{merged_path} is one rank's file of a {state['world_size']}-rank set; merge the set first")
+    states = split(state, world_size, str(merged_path))
+    set_dir = ckpt.write_set(output, int(state["global_step"]), states)
     return f"wrote {set_dir} for {world_size} ranks; continue with train.py CONFIG --output={output} --resume=True"
 
 

@@ -1,4 +1,6 @@
-"""Choosing the training precision for the device at hand."""
+"""Choosing the training precision for the device at hand: the one place that decides
+which low-precision dtype a device gets (the backbones' own `fp16=True` autocast asks
+`low_precision_dtype` here; the PartialFC head receives the run's dtype)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,6 +17,13 @@ class Precision:
     @property
     def low_precision(self) -> bool:
         return self.autocast_dtype is not None
+
+
+def low_precision_dtype(device_type: str) -> torch.dtype:
+    """The half-precision dtype of insightface's `fp16=True` on this kind of device: float16
+    on CUDA (trained with a GradScaler), bfloat16 elsewhere, where float16 autocast is missing
+    or slow and bfloat16 needs no loss scaling."""
+    return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -37,7 +46,7 @@ def bf16_is_fast(device: torch.device) -> bool:
 def resolve_precision(requested: str, fp16: bool, device: torch.device) -> Precision:
     """requested: auto | fp32 | bf16 | fp16. `fp16=True` (insightface's key) means float16 + GradScaler on CUDA."""
     if requested == "auto":
-        if fp16 and device.type == "cuda":
+        if fp16 and low_precision_dtype(device.type) == torch.float16:
             requested = "fp16"
         elif bf16_is_fast(device):
             requested = "bf16"

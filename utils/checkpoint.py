@@ -42,7 +42,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from utils.atomic_file import atomic_write, fsync_dir
 from utils.distributed import DistContext, broadcast_object, first_error, same_on_every_rank
+from utils.errors import UserError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -50,7 +52,7 @@ MANIFEST = "manifest.json"
 _SET_RE = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be written or used; the message names file and reason."""
 
 
@@ -62,50 +64,23 @@ def set_dirname(step: int) -> str:
     return f"step_{step:09d}"
 
 
-def _fsync_dir(path: str | os.PathLike) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_save(obj, path: str | os.PathLike) -> int:
-    """torch.save to a temporary file, fsync, rename. Returns the file size."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        size = tmp.stat().st_size
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """torch.save to a temporary file, fsync, rename, fsync the folder. Returns the file size.
+
+    Saved through a Python file object, not a path: a failed write then raises the OSError
+    behind it (file too large, no space left on device) as the RuntimeError's context, which
+    the checkpoint vote reports; torch's own file writer only says "iostream error".
+    """
+    with atomic_write(path, "wb", durable=True) as f:
+        torch.save(obj, f)
+        f.flush()
+        size = f.tell()
     return size
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_write(path, "w", durable=True) as f:
+        f.write(text)
 
 
 # --- random number generator states ---------------------------------------------------
@@ -382,7 +357,7 @@ def _stage_link(src: Path, final: Path) -> tuple[Path, Path]:
 
 def _replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _remove_mirrors_beyond(output: Path, world_size: int) -> None:

@@ -17,11 +17,14 @@ import types
 from pathlib import Path
 from typing import Any, Iterable
 
+from utils.atomic_file import atomic_write
+from utils.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "configs" / "base.py"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config file, key or value. The message is one line meant for the user."""
 
 
@@ -109,9 +112,8 @@ def resolve_config_path(name: str) -> Path:
 
 def _load_module_config(path: Path) -> dict:
     _install_easydict_shim()
-    # Config modules may import the project's packages (e.g. `from utils.config import Config`).
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
+    # A config module may import the project's packages (`from utils.config import Config`):
+    # they are importable wherever this module was imported from.
     module_name = f"_face_config_{path.stem}_{abs(hash(str(path)))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -211,8 +213,8 @@ def _keyword_dict(raw: str) -> Any:
 
 
 def load_config(path: str, overrides: Iterable[str] = ()) -> Config:
-    overrides = list(overrides)
     """Merge base defaults, the experiment module and command-line overrides, then validate."""
+    overrides = list(overrides)
     base = _load_module_config(BASE_CONFIG)
     config_path = resolve_config_path(path)
     job = _load_module_config(config_path) if config_path != BASE_CONFIG.resolve() else {}
@@ -261,11 +263,9 @@ def validate(cfg: Config, where: str = "config") -> None:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the effective config as JSON (tuples become lists)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(path, "w") as f:
         json.dump(dict(cfg), f, indent=2, sort_keys=True, default=str)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def format_config(cfg: Config) -> str:

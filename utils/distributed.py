@@ -16,8 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from utils.errors import UserError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(UserError, RuntimeError):
     """The launch asks for devices this machine does not have."""
 
 
@@ -173,7 +175,7 @@ def _agree_on_attempt(store, rank: int, world_size: int, timeout: datetime.timed
     return attempt, job_id
 
 
-def cleanup_distributed(ctx: DistContext | None = None) -> None:
+def cleanup_distributed() -> None:
     """Destroy the process group if this process created one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -246,11 +248,3 @@ def any_rank(flag: bool, ctx: DistContext) -> bool:
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
-
-def all_reduce_mean(value: float, ctx: DistContext) -> float:
-    """Average a Python number over all ranks (used for logging only)."""
-    if not ctx.is_distributed:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t)
-    return float(t.item()) / ctx.world_size

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 LOGGER_NAME = "arcface"
 
 
-def setup_logging(output_dir: str | None, rank: int, filename: str = "training.log") -> logging.Logger:
-    """Rank 0 logs INFO to the console and to `output_dir/filename`; other ranks only errors."""
+def setup_logging(rank: int) -> logging.Logger:
+    """Rank 0 logs INFO to the console, other ranks only errors (to stderr, tagged with the rank).
+    The log file joins later (`add_file_handler`), once the run's checks have passed."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.handlers.clear()
     logger.propagate = False
@@ -20,10 +20,6 @@ def setup_logging(output_dir: str | None, rank: int, filename: str = "training.l
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(fmt)
         logger.addHandler(console)
-        if output_dir is not None:
-            file_handler = logging.FileHandler(os.path.join(output_dir, filename))
-            file_handler.setFormatter(fmt)
-            logger.addHandler(file_handler)
     else:
         logger.setLevel(logging.ERROR)
         handler = logging.StreamHandler(sys.stderr)
@@ -37,10 +33,6 @@ def add_file_handler(logger: logging.Logger, path: str) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
     logger.addHandler(handler)
-
-
-def get_logger() -> logging.Logger:
-    return logging.getLogger(LOGGER_NAME)
 
 
 def format_duration(seconds: float) -> str:
