@@ -33,8 +33,7 @@ ROW_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
 # says), the seed and the count of rounded steps (what the checkpoint says: they decide the
 # random bits, so a resumed run draws what an uninterrupted one would have).
 _ROUNDING_KEYS = ("state_dtype", "rounding_seed", "rounding_step")
-# Entries of the table of random bits (see _StochasticRounding); also the most elements
-# rounded in one piece.
+# Entries of the table of random bits (see _StochasticRounding): 16 MiB of int32 per device.
 ROUNDING_TABLE_SIZE = 1 << 22
 _BF16_HALF = 1 if sys.byteorder == "little" else 0  # which int16 of a float32 holds its bfloat16 bits
 
@@ -71,8 +70,8 @@ class _StochasticRounding:
     element reading table[(offset + i) mod T] with a uniform offset gets an exactly
     uniform u: each rounding is exactly unbiased, and the offsets of different steps are
     independent. (Within one piece the bits of neighbouring elements are fixed relative
-    to each other, which changes no element's expectation.) A piece has at most T
-    elements, so no two of its elements share bits.
+    to each other, and elements T apart share them, which changes no element's
+    expectation; T = 2^22 is far more than a row, so they are different classes' rows.)
 
     Reproducible: the table comes from the seed, the offsets of a step from a generator
     seeded by (seed, step number); both numbers live in the param group and are saved
@@ -89,8 +88,8 @@ class _StochasticRounding:
             if ROUNDING_TABLE_SIZE % (1 << 16):
                 raise ValueError(f"ROUNDING_TABLE_SIZE must be a multiple of 65536, got {ROUNDING_TABLE_SIZE}")
             g = torch.Generator().manual_seed(_mix64(seed, 0xB16))
-            perm = torch.randperm(ROUNDING_TABLE_SIZE, generator=g)
-            self._tables[key] = perm.remainder_(1 << 16).to(device=device, dtype=torch.int32)
+            perm = torch.randperm(ROUNDING_TABLE_SIZE, generator=g, dtype=torch.int32)
+            self._tables[key] = perm.remainder_(1 << 16).to(device)
         return self._tables[key]
 
     def new_step(self) -> None:
@@ -234,10 +233,12 @@ class _RowSparseMixin:
         return loss
 
     def _pieces(self, group: dict, p: torch.Tensor, num_rows: int) -> list[slice]:
-        """Pieces of the sampled rows: about one chunk of the weight's bytes each, and with
-        rounded state no more elements than the rounding table has."""
+        """Pieces of the sampled rows, about one chunk of the weight's bytes each
+        (losses.row_chunks). With bfloat16 state on an accelerator, whose chunks are large
+        (1 GB per temporary), pieces of the rounding table's size instead: memory is the
+        point of that state, and the few more kernel launches cost little."""
         pieces = row_slices(num_rows, p[0].numel() * p.element_size(), p.device)
-        if state_dtype_of(group) == torch.float32:
+        if state_dtype_of(group) == torch.float32 or p.device.type == "cpu":
             return pieces
         most = max(1, ROUNDING_TABLE_SIZE // max(1, p[0].numel()))
         return [slice(i, min(i + most, s.stop)) for s in pieces for i in range(s.start, s.stop, most)]
