@@ -46,6 +46,10 @@ class Head:
     optimizer: str = "sgd"  # or "adamw"
     fc_state_dtype: str = "float32"
     device: str = "cuda"
+    # Rows of the logits alive at once. None: the whole global batch, as losses.partial_fc
+    # computes them today; a smaller number models logits computed in batch chunks (a design
+    # this project does not have) to show what it would buy.
+    logit_rows: int | None = None
 
     @property
     def sampled(self) -> int:
@@ -79,13 +83,14 @@ def persistent_bytes(h: Head) -> int:
 
 def step_phases(h: Head) -> dict[str, int]:
     """Bytes above the persistent part at the peak of each phase of a step."""
-    C, k, N, D, d = h.num_local, h.sampled, h.global_batch, h.embedding_size, h.matmul_bytes
+    C, k, D, d = h.num_local, h.sampled, h.embedding_size, h.matmul_bytes
+    N = min(h.global_batch, h.logit_rows or h.global_batch)  # rows of the [N x k] logits
     low = d < 4
     piece = min(k, h.chunk_rows) * D  # elements of one piece
     centres_n = k * D * d  # normalised sampled centres, in the matmul dtype (saved for backward)
     # The matmul's own output is kept for the backward in low precision when N < D.
     kept_cosines = N * k * d if low and N < D else 0
-    embeddings = N * D * (4 + 4 + d)  # gathered, normalised, cast
+    embeddings = h.global_batch * D * (4 + 4 + d)  # gathered, normalised, cast
     phases = {}
     if h.sample_rate < 1.0:
         # PartialFC.sample: a random score per class, a mask, top-k values and indices, the index.
@@ -229,7 +234,7 @@ def validation_cases(full: bool, device: str) -> list[tuple[str, dict]]:
 
 
 def predicted(case: dict) -> tuple[int, str]:
-    h = Head(**{k: case[k] for k in Head.__dataclass_fields__})
+    h = Head(**{k: case[k] for k in Head.__dataclass_fields__ if k in case})
     if case["impl"] == "reference":
         return reference_peak(h), "optimizer"
     return head_peak(h)
@@ -308,12 +313,13 @@ class Allowance:
 
 
 def max_identities(gpus: int, gpu_bytes: int, *, sample_rate=0.1, optimizer="sgd", fc_state_dtype="float32",
-                   allowance: Allowance = Allowance(), embedding_size=512) -> int:
+                   allowance: Allowance = Allowance(), embedding_size=512, logit_rows=None) -> int:
     """The most classes (all ranks together) whose head fits next to the allowance on every rank."""
     budget = gpu_bytes - allowance.total()
 
     def fits(num_local: int) -> bool:
-        h = Head(num_local, sample_rate, allowance.batch * gpus, embedding_size, 2, optimizer, fc_state_dtype, "cuda")
+        h = Head(num_local, sample_rate, allowance.batch * gpus, embedding_size, 2, optimizer, fc_state_dtype, "cuda",
+                 logit_rows)
         return head_peak(h)[0] <= budget
 
     if budget <= 0 or not fits(1):
@@ -366,6 +372,9 @@ def goals() -> list[str]:
             lines.append(f"{gpus} x {size}, SGD {dtype} state, rate 0.1: {got / 1e6:,.0f}M identities "
                          f"(goal {target / 1e6:,.0f}M: {'holds' if got >= target else 'misses'}); "
                          f"{target / 1e6:,.0f}M fit up to sample rate {rate:.4f}")
+    chunked = max_identities(64, GPU_BYTES["80 GB"], fc_state_dtype="bfloat16", logit_rows=256)
+    lines.append(f"64 x 80 GB, SGD bfloat16 state, rate 0.1, logits in chunks of 256 embeddings (not implemented): "
+                 f"{chunked / 1e6:,.0f}M identities")
     return lines
 
 

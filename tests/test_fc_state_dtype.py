@@ -335,3 +335,15 @@ def test_config_keys():
             load_config("configs/base.py", [override])
         message = str(info.value)
         assert names in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("fc_state_dtype", ["float32", "bfloat16"])
+def test_the_memory_model_counts_the_state_the_optimizer_keeps(optimizer, fc_state_dtype):
+    from bench.memory_model import persistent_bytes_per_class
+
+    p, opt = _fresh(optimizer, fc_state_dtype=fc_state_dtype)
+    _sparse_step(p, opt, 0)
+    per_row = [t for t in opt.state[p].values() if torch.is_tensor(t) and t.dim() >= 1]
+    held = p.numel() * p.element_size() + sum(t.numel() * t.element_size() for t in per_row)
+    assert held == p.shape[0] * persistent_bytes_per_class(optimizer, fc_state_dtype, p.shape[1], sampling=True)
