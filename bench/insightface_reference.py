@@ -44,7 +44,9 @@ class InsightfaceMargin(nn.Module):
     def __init__(self, s: float, m1: float, m2: float, m3: float):
         super().__init__()
         if m1 != 1.0 or (m2 != 0.0 and m3 != 0.0):
-            raise ValueError(f"insightface's margin covers ArcFace (1, m2, 0) and CosFace (1, 0, m3), got {(m1, m2, m3)}")
+            raise ValueError(
+                f"insightface's margin covers ArcFace (1, m2, 0) and CosFace (1, 0, m3), got {(m1, m2, m3)}"
+            )
         self.s, self.m2, self.m3 = float(s), float(m2), float(m3)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

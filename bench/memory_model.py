@@ -266,9 +266,9 @@ def validate(full: bool, device: str, log=print) -> list[dict]:
         row["predicted_bytes"] = model + row["process_bytes"]
         row["error"] = row["predicted_bytes"] / row["measured_bytes"] - 1
         rows.append(row)
-        log(f"  {name:<36} predicted {row['predicted_bytes'] / GiB:6.3f} GiB  measured {row['measured_bytes'] / GiB:6.3f}"
-            f" GiB ({100 * row['error']:+.1f}%; default allocator {row['measured_default_allocator_bytes'] / GiB:.3f})"
-            f"  peak: {phase}")
+        log(f"  {name:<36} predicted {row['predicted_bytes'] / GiB:6.3f} GiB  "
+            f"measured {row['measured_bytes'] / GiB:6.3f} GiB ({100 * row['error']:+.1f}%; "
+            f"default allocator {row['measured_default_allocator_bytes'] / GiB:.3f})  peak: {phase}")
     return rows
 
 

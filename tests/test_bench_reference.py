@@ -1,6 +1,7 @@
 """bench/insightface_reference.py: insightface's GPU step as the benchmark reference, and MFU."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bench.insightface_reference import (
@@ -58,17 +59,18 @@ def test_arcface_gradient_passes_the_margin_as_a_constant():
     embeddings = torch.randn(4, DIM, requires_grad=True)
     labels = torch.tensor([1, 5, 5, 19])
     head(embeddings, labels).backward()
+
+    def cosines():
+        return F.linear(F.normalize(embeddings), F.normalize(head.weight))
+
     with torch.no_grad():
-        cos = torch.nn.functional.linear(torch.nn.functional.normalize(embeddings), torch.nn.functional.normalize(head.weight))
+        cos = cosines()
         logits = cos.clone()
         logits[torch.arange(4), labels] = torch.cos(torch.arccos(cos[torch.arange(4), labels]) + 0.5)
         softmax = torch.softmax(64.0 * logits, dim=1)
         softmax[torch.arange(4), labels] -= 1
         grad_cos = 64.0 * softmax / 4
-    expected = torch.autograd.grad(
-        torch.nn.functional.linear(torch.nn.functional.normalize(embeddings), torch.nn.functional.normalize(head.weight)),
-        head.weight, grad_cos,
-    )[0]
+    expected = torch.autograd.grad(cosines(), head.weight, grad_cos)[0]
     torch.testing.assert_close(head.weight.grad, expected, rtol=1e-4, atol=1e-6)
 
 
