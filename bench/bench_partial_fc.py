@@ -12,6 +12,9 @@ training step.
              dense [classes x 512] matrix; F.normalize + F.linear, F.cross_entropy;
              torch.optim.SGD (its default implementation) over the whole shard.
 
+With --fc-state-dtype bfloat16, ours keeps the momentum in bfloat16 (stochastically
+rounded, losses.optim); the reference stays insightface's float32.
+
 Both use the same sampling rule (all positives plus random negatives), the same labels and
 the same matmul precision (the device's training default: bf16 on CPUs with bf16 units,
 fp16 on CUDA, fp32 otherwise).
@@ -22,6 +25,7 @@ a fresh process (the resident-set high-water mark); on CUDA torch.cuda.max_memor
 
     python bench/bench_partial_fc.py [--classes 100000 1000000 2000000] [--sample-rates 1.0 0.3 0.1]
                                      [--batch-size 128] [--steps 4] [--warmup 2] [--device cpu|cuda] [--quick]
+                                     [--fc-state-dtype float32|bfloat16]
 
 With --loss, the head alone (ours) is timed once per margin loss, side by side with
 `combined` (ArcFace), each with its default parameters (losses.get_margin) and
@@ -66,7 +70,7 @@ def _sample(local_targets, num_local: int, num_sample: int):
 
 
 def _build(impl: str, num_classes: int, sample_rate: float, low_precision, device, loss: str = "combined",
-           num_subcenters: int = 1):
+           num_subcenters: int = 1, fc_state_dtype: str = "float32"):
     """(step(embeddings, labels) -> loss, modules to keep alive)."""
     import torch
     import torch.nn.functional as F
@@ -78,7 +82,8 @@ def _build(impl: str, num_classes: int, sample_rate: float, low_precision, devic
     if impl == "ours":
         head = PartialFC(margin, EMBEDDING, num_classes, sample_rate, matmul_dtype=low_precision,
                          num_subcenters=num_subcenters, check_labels=False).to(device)
-        optimizer = build_optimizer("sgd", [], head.parameters(), lr=0.1, weight_decay=5e-4, device_type=device.type)
+        optimizer = build_optimizer("sgd", [], head.parameters(), lr=0.1, weight_decay=5e-4, device_type=device.type,
+                                    fc_state_dtype=fc_state_dtype)
         no_inf = torch.zeros((), device=device)
 
         def step(embeddings, labels):
@@ -115,21 +120,24 @@ def _build(impl: str, num_classes: int, sample_rate: float, low_precision, devic
     return step, (weight, optimizer)
 
 
-def estimate_bytes(impl: str, num_classes: int, sample_rate: float, batch: int, num_subcenters: int = 1) -> int:
+def estimate_bytes(impl: str, num_classes: int, sample_rate: float, batch: int, num_subcenters: int = 1,
+                   fc_state_dtype: str = "float32") -> int:
     """The case's peak, from the sizes of what it holds (within ~10% of the measured peaks)."""
     shard = num_classes * num_subcenters * EMBEDDING * 4
     sampled = max(1, int(sample_rate * num_classes)) * num_subcenters
     logits = batch * sampled * 4
     if impl == "ours":
+        momentum = shard // 2 if fc_state_dtype == "bfloat16" else shard
         if sample_rate >= 1.0:  # weight, dense gradient, momentum; normalised centres; logits
-            return int(3 * shard + sampled * EMBEDDING * 2 + 3 * logits)
-        return int(2 * shard + sampled * EMBEDDING * 10 + 3 * logits)  # + gathered, normalised, gradient rows
+            return int(2 * shard + momentum + sampled * EMBEDDING * 2 + 3 * logits)
+        return int(shard + momentum + sampled * EMBEDDING * 10 + 3 * logits)  # + gathered, normalised, gradient rows
     # weight, momentum, dense gradient and its weight-decay copy; normalised (and gathered) rows; logits
     return int(4 * shard + (2 * shard if sample_rate >= 1.0 else sampled * EMBEDDING * 12) + 6 * logits)
 
 
 def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, steps: int, warmup: int,
-             device_name: str, seed: int = 0, loss: str = "combined", num_subcenters: int = 1) -> dict:
+             device_name: str, seed: int = 0, loss: str = "combined", num_subcenters: int = 1,
+             fc_state_dtype: str = "float32") -> dict:
     import torch
 
     device = resolve_device(device_name)
@@ -141,11 +149,13 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
         for _ in range(warmup + steps)
     ]
     inputs = [(e.to(device), l.to(device)) for e, l in inputs]
+    fc_state_dtype = fc_state_dtype if impl == "ours" else "float32"
     result = {"impl": impl, "num_classes": num_classes, "sample_rate": sample_rate, "batch": batch,
-              "precision": precision.name, "loss": loss, "num_subcenters": num_subcenters}
+              "precision": precision.name, "loss": loss, "num_subcenters": num_subcenters,
+              "fc_state_dtype": fc_state_dtype}
     if device.type == "cpu":
         # Swapping, or the kernel's OOM killer picking another process, would be worse than a gap.
-        needed = estimate_bytes(impl, num_classes, sample_rate, batch, num_subcenters)
+        needed = estimate_bytes(impl, num_classes, sample_rate, batch, num_subcenters, fc_state_dtype)
         free = available_memory_bytes(device)
         if free is not None and needed > 0.9 * free:
             result["skipped"] = f"needs ~{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
@@ -154,7 +164,8 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
     keep = None
     try:
         with PeakMemory(device) as memory:
-            step, keep = _build(impl, num_classes, sample_rate, precision.autocast_dtype, device, loss, num_subcenters)
+            step, keep = _build(impl, num_classes, sample_rate, precision.autocast_dtype, device, loss, num_subcenters,
+                                fc_state_dtype)
             times, losses = [], []
             for i, (emb, labels) in enumerate(inputs):
                 emb = emb.clone().requires_grad_()
@@ -178,6 +189,7 @@ def _case_in_subprocess(impl, num_classes, sample_rate, args, loss="combined", n
         sys.executable, str(Path(__file__).resolve()), "--case", impl, str(num_classes), str(sample_rate),
         "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--device", args.device, "--loss", loss, "--num-subcenters", str(num_subcenters),
+        "--fc-state-dtype", args.fc_state_dtype,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -188,7 +200,8 @@ def _case_in_subprocess(impl, num_classes, sample_rate, args, loss="combined", n
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=1, device="cpu", log=print) -> dict:
+def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=1, device="cpu", log=print,
+        fc_state_dtype="float32") -> dict:
     """All cases; on a CPU each in its own process (honest peaks), on CUDA in this one.
 
     With rounds > 1, ours and the reference alternate that many times per case and their
@@ -197,7 +210,7 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
     import torch
 
     dev = resolve_device(device)
-    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev))
+    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), fc_state_dtype=fc_state_dtype)
     cases = []
     for batch in batch_sizes:
         for c in classes:
@@ -207,7 +220,8 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
                     for impl in IMPLS:
                         start = time.perf_counter()
                         if dev.type == "cuda":
-                            r = run_case(impl, c, sr, batch=batch, steps=steps, warmup=warmup, device_name=str(dev))
+                            r = run_case(impl, c, sr, batch=batch, steps=steps, warmup=warmup, device_name=str(dev),
+                                         fc_state_dtype=fc_state_dtype)
                             torch.cuda.empty_cache()
                         else:
                             args.batch_size = batch
@@ -216,7 +230,8 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
                         log(_case_line(r, time.perf_counter() - start))
                 cases += [_pool(results) for results in runs.values()]
     return {"cases": cases, "classes": list(classes), "sample_rates": list(sample_rates), "rounds": rounds,
-            "batch_sizes": list(batch_sizes), "embedding_size": EMBEDDING, "steps": steps, "warmup": warmup}
+            "batch_sizes": list(batch_sizes), "embedding_size": EMBEDDING, "steps": steps, "warmup": warmup,
+            "fc_state_dtype": fc_state_dtype}
 
 
 def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, num_subcenters=1, device="cpu",
@@ -378,6 +393,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small class counts, few steps (smoke test)")
     parser.add_argument("--loss", nargs="+", help="time the head per margin loss (ours only), e.g. combined adaface")
     parser.add_argument("--num-subcenters", type=int, default=1, help="with --loss: sub-centres per class")
+    parser.add_argument("--fc-state-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of ours' momentum (the reference keeps float32)")
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "CLASSES", "RATE"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -385,7 +402,8 @@ def main() -> None:
     if args.case:  # one case, in this (fresh) process; the result is the last line of stdout
         impl, c, sr = args.case[0], int(args.case[1]), float(args.case[2])
         r = run_case(impl, c, sr, batch=args.batch_size[0], steps=args.steps, warmup=args.warmup,
-                     device_name=args.device, loss=(args.loss or ["combined"])[0], num_subcenters=args.num_subcenters)
+                     device_name=args.device, loss=(args.loss or ["combined"])[0], num_subcenters=args.num_subcenters,
+                     fc_state_dtype=args.fc_state_dtype)
         print(json.dumps(r))
         return
     if args.quick:
@@ -404,7 +422,7 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return
     result = run(args.classes, args.sample_rates, batch_sizes=args.batch_size, steps=args.steps,
-                 warmup=args.warmup, rounds=args.rounds, device=args.device)
+                 warmup=args.warmup, rounds=args.rounds, device=args.device, fc_state_dtype=args.fc_state_dtype)
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

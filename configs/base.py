@@ -1,8 +1,8 @@
 """Defaults for every experiment. An experiment module sets only what differs.
 
 Keys up to `val_targets` are insightface's (arcface_torch/configs/base.py and its
-experiment configs) with the same names and meanings; the keys below them are
-this project's additions.
+experiment configs) with the same names and meanings; the keys below them, and the
+marked block beside the Partial FC keys, are this project's additions.
 """
 from utils.config import Config
 
@@ -19,6 +19,9 @@ config.embedding_size = 512
 # Partial FC
 config.sample_rate = 1.0  # fraction of class centres used per step (positives always kept)
 config.interclass_filtering_threshold = 0.0  # 0: off
+# (this project's) the head's memory and the GPU's kernel choice
+config.fc_state_dtype = "float32"  # or "bfloat16": the centres' momentum / Adam moments, stochastically rounded
+config.cudnn_benchmark = True  # CUDA: torch.backends.cudnn.benchmark, as insightface sets it (fastest conv kernels)
 
 config.fp16 = False  # CUDA: float16 autocast + GradScaler
 config.batch_size = 128  # per process

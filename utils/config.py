@@ -255,6 +255,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"{where}: precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {cfg.precision!r}")
+    if cfg.fc_state_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"{where}: fc_state_dtype must be 'float32' or 'bfloat16', got {cfg.fc_state_dtype!r}")
     if cfg.lr <= 0:
         raise ConfigError(f"{where}: lr must be positive, got {cfg.lr}")
     if not isinstance(cfg.val_targets, (list, tuple)) or not all(isinstance(t, str) for t in cfg.val_targets):

@@ -1,0 +1,251 @@
+"""insightface's own GPU training step, as the reference the benchmarks compare ours with,
+and the model-FLOPs utilisation (MFU) of a step.
+
+What insightface's arcface_torch does on a GPU (train.py, partial_fc_v2.py, losses.py),
+rebuilt here from the published algorithm, not copied:
+
+- the backbone built with `fp16=True`: its trunk under float16 autocast, the embedding
+  layer in float32 (our backbones' fp16 flag does exactly that), NCHW tensors;
+- `torch.backends.cudnn.benchmark = True`;
+- PartialFC_V2: the class centres are one full Parameter; with sampling the sampled rows
+  are `weight[index]` (so the gradient is a dense [classes x D] matrix); F.normalize and
+  F.linear under float16 autocast, logits clamped to [-1, 1] in float32;
+- its margin: ArcFace changes the target angle inside `torch.no_grad()` (arccos and cos of
+  the whole logit matrix), so the gradient passes the margin as if it were constant;
+  CosFace subtracts m3 from the target logit;
+- its distributed cross-entropy: the softmax materialised in place, the target
+  probability clamped at 1e-30 before the log (the 69.0776 ceiling);
+- torch.optim.SGD (its default implementation) over backbone and head, GradScaler with
+  growth_interval=100, gradient clipping of the backbone at norm 5, and the loss read on
+  the host every step (its AverageMeter).
+
+    from bench.insightface_reference import (
+        InsightfaceMargin, InsightfacePartialFC, build_insightface_step, count_step_flops, mfu, peak_flops)
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from losses.partial_fc import _distributed, _gather_labels, _GatherEmbeddings, shard_range
+
+
+class InsightfaceMargin(nn.Module):
+    """insightface's CombinedMarginLoss for its two shipped margins (labels [N, 1], -1: elsewhere).
+
+    ArcFace (m1 = 1, m3 = 0): target angle + m2 computed without gradient; CosFace (m1 = 1,
+    m2 = 0): target - m3. Then every logit times s.
+    """
+
+    def __init__(self, s: float, m1: float, m2: float, m3: float):
+        super().__init__()
+        if m1 != 1.0 or (m2 != 0.0 and m3 != 0.0):
+            raise ValueError(
+                f"insightface's margin covers ArcFace (1, m2, 0) and CosFace (1, 0, m3), got {(m1, m2, m3)}"
+            )
+        self.s, self.m2, self.m3 = float(s), float(m2), float(m3)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = torch.where(labels.view(-1) != -1)[0]  # a host sync, as in insightface
+        cols = labels.view(-1)[rows]
+        if self.m3 == 0.0:  # ArcFace
+            with torch.no_grad():
+                target = logits[rows, cols].arccos_()
+                logits.arccos_()
+                logits[rows, cols] = target + self.m2
+                logits.cos_()
+        else:  # CosFace
+            logits[rows, cols] = logits[rows, cols] - self.m3
+        return logits * self.s
+
+
+class _DistCrossEntropy(torch.autograd.Function):
+    """insightface's cross-entropy over class shards: softmax in place, target clamped at 1e-30."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, distributed: bool) -> torch.Tensor:
+        batch = logits.shape[0]
+        row_max = logits.max(dim=1, keepdim=True).values
+        if distributed:
+            dist.all_reduce(row_max, dist.ReduceOp.MAX)
+        logits.sub_(row_max).exp_()
+        sum_exp = logits.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(sum_exp)
+        logits.div_(sum_exp)
+        index = torch.where(labels.view(-1) != -1)[0]
+        target = torch.zeros(batch, 1, device=logits.device)
+        target[index] = logits[index].gather(1, labels[index])
+        if distributed:
+            dist.all_reduce(target)
+        ctx.save_for_backward(index, logits, labels)
+        return target.clamp_min_(1e-30).log_().mean() * (-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        index, softmax, labels = ctx.saved_tensors
+        one_hot = torch.zeros(index.numel(), softmax.shape[1], device=softmax.device)
+        one_hot.scatter_(1, labels[index], 1)
+        softmax[index] -= one_hot
+        softmax.div_(softmax.shape[0])
+        return softmax * grad.item(), None, None
+
+
+class InsightfacePartialFC(nn.Module):
+    """insightface's PartialFC_V2: forward(local_embeddings [B, D], local_labels [B]) -> loss.
+
+    fp16: the normalisation and the logits' matmul under autocast (float16 on CUDA, as
+    insightface; `amp_dtype` elsewhere). Same class split and sampling rule as
+    losses.PartialFC, so both can start from the same centres.
+    """
+
+    def __init__(self, margin: nn.Module, embedding_size: int, num_classes: int, sample_rate: float = 1.0, *,
+                 fp16: bool = True, amp_dtype: torch.dtype | None = None, rank: int | None = None,
+                 world_size: int | None = None):
+        super().__init__()
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if rank is None:
+            rank = dist.get_rank() if world_size > 1 else 0
+        self.margin, self.sample_rate, self.fp16, self.amp_dtype = margin, float(sample_rate), fp16, amp_dtype
+        self.rank, self.world_size = rank, world_size
+        self.class_start, self.num_local = shard_range(num_classes, rank, world_size)
+        self.num_sample = int(self.sample_rate * self.num_local)
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size)))
+
+    def _sample(self, labels: torch.Tensor, positive_mask: torch.Tensor) -> torch.Tensor:
+        """Rows to use (positives + random negatives, sorted); remaps `labels` in place."""
+        with torch.no_grad():
+            positive = torch.unique(labels[positive_mask], sorted=True)
+            if self.num_sample - positive.numel() >= 0:
+                scores = torch.rand(self.num_local, device=labels.device)
+                scores[positive] = 2.0
+                index = torch.topk(scores, k=self.num_sample)[1].sort()[0]
+            else:
+                index = positive
+            labels[positive_mask] = torch.searchsorted(index, labels[positive_mask])
+        return index
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
+        local_labels = local_labels.view(-1).long()
+        distributed = _distributed(self.world_size)
+        if distributed:
+            embeddings = _GatherEmbeddings.apply(local_embeddings, self.world_size, self.rank)
+            labels = _gather_labels(local_labels, self.world_size)
+        else:
+            embeddings, labels = local_embeddings, local_labels.clone()
+        labels = labels.view(-1, 1)
+        positive_mask = (self.class_start <= labels) & (labels < self.class_start + self.num_local)
+        labels[~positive_mask] = -1
+        labels[positive_mask] -= self.class_start
+        weight = self.weight[self._sample(labels, positive_mask)] if self.sample_rate < 1 else self.weight
+        device_type = embeddings.device.type
+        dtype = torch.float16 if device_type == "cuda" else (self.amp_dtype or torch.bfloat16)
+        with torch.autocast(device_type, dtype=dtype, enabled=self.fp16):
+            logits = F.linear(F.normalize(embeddings), F.normalize(weight))
+        if self.fp16:
+            logits = logits.float()
+        logits = self.margin(logits.clamp(-1, 1), labels)
+        return _DistCrossEntropy.apply(logits, labels, distributed)
+
+
+def configure_like_insightface() -> None:
+    """The global setting insightface's train.py makes: cuDNN picks the fastest convolution algorithms."""
+    torch.backends.cudnn.benchmark = True
+
+
+def build_insightface_step(backbone: nn.Module, head: nn.Module, *, fp16: bool = True, lr: float = 0.1,
+                           momentum: float = 0.9, weight_decay: float = 5e-4, clip_norm: float = 5.0,
+                           device_type: str = "cuda") -> tuple[Callable, torch.optim.Optimizer]:
+    """(step(images, labels) -> loss as a float, optimizer): insightface's training-loop body.
+
+    `backbone` is built with fp16=fp16 (its trunk autocasts itself); `head` an
+    InsightfacePartialFC. The images stay NCHW.
+    """
+    optimizer = torch.optim.SGD([{"params": backbone.parameters()}, {"params": head.parameters()}],
+                                lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device_type, growth_interval=100) if fp16 else None
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> float:
+        loss = head(backbone(images), labels)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(backbone.parameters(), clip_norm)
+            optimizer.step()
+        optimizer.zero_grad()
+        return loss.item()
+
+    return step, optimizer
+
+
+# --- model-FLOPs utilisation ---------------------------------------------------------------
+
+def count_step_flops(step: Callable, *args) -> int:
+    """FLOPs of one call of `step(*args)` (forward and backward when it runs both), as
+    torch.utils.flop_counter.FlopCounterMode counts them: matmuls and convolutions, a
+    multiply-add = 2 FLOPs; element-wise work is not counted (the usual MFU convention).
+    The call is a real step: run it on a warm-up step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(*args)
+    return counter.get_total_flops()
+
+
+def mfu(step_flops: float, seconds: float, peak: float) -> float:
+    """Model-FLOPs utilisation: the step's counted FLOPs per second over the device's peak."""
+    if seconds <= 0 or peak <= 0:
+        raise ValueError(f"seconds and peak must be positive, got {seconds}, {peak}")
+    return step_flops / seconds / peak
+
+
+# Dense (no structured sparsity) 16-bit tensor-core peaks from the vendors' datasheets, in
+# FLOP/s, with float32 accumulation (what autocast matmuls use; GeForce cards run it at half
+# their float16-accumulate rate). The first name fragment found in the device name wins.
+PEAK_FLOPS: tuple[tuple[str, float, str], ...] = (
+    ("H200 NVL", 835e12, "H200 NVL, dense fp16/bf16"),
+    ("H200", 989.4e12, "H200 SXM, dense fp16/bf16"),
+    ("H100 PCIe", 756.5e12, "H100 PCIe, dense fp16/bf16"),
+    ("H100 NVL", 835e12, "H100 NVL, dense fp16/bf16"),
+    ("H100", 989.4e12, "H100 SXM, dense fp16/bf16"),
+    ("GH200", 989.4e12, "GH200, dense fp16/bf16"),
+    ("B200", 2250e12, "B200, dense fp16/bf16"),
+    ("A100", 312e12, "A100, dense fp16/bf16"),
+    ("A800", 312e12, "A800, dense fp16/bf16"),
+    ("L40S", 362.05e12, "L40S, dense fp16/bf16"),
+    ("L4", 121e12, "L4, dense fp16/bf16"),
+    ("A10G", 70e12, "A10G, dense fp16/bf16"),
+    ("A10", 125e12, "A10, dense fp16/bf16"),
+    ("V100", 125e12, "V100 SXM2, dense fp16"),
+    ("T4", 65e12, "T4, dense fp16"),
+    ("RTX 4090", 165.2e12, "RTX 4090, dense fp16 with fp32 accumulation"),
+    ("RTX 3090", 71e12, "RTX 3090, dense fp16 with fp32 accumulation"),
+)
+
+
+def peak_flops(device_name: str) -> tuple[float, str] | None:
+    """(peak FLOP/s, what it is) for a device name such as torch.cuda.get_device_name(); None if unknown."""
+    for fragment, flops, label in PEAK_FLOPS:
+        if fragment.lower() in device_name.lower():
+            return flops, label
+    return None
+
+
+def format_mfu(step_flops: float, seconds: float, device_name: str) -> str:
+    """'41.3% of H100 SXM, dense fp16/bf16 (989 TFLOP/s)', or why there is no figure."""
+    found = peak_flops(device_name)
+    if found is None:
+        return f"n/a (no peak known for {device_name!r})"
+    peak, label = found
+    return f"{100 * mfu(step_flops, seconds, peak):.1f}% of {label} ({peak / 1e12:,.0f} TFLOP/s)"
+
