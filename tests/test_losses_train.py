@@ -36,11 +36,16 @@ MARGIN_STATE = {
 
 
 def _train_in_process(output, *extra) -> int:
+    """train.main in this process, with one thread as the subprocesses (OMP_NUM_THREADS=1):
+    on a loaded 2-core machine more threads than cores cost several times the time."""
     import train
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         return train.main(["configs/ms1mv3_r50", "--rec=synthetic", f"--output={output}", *TINY, *extra])
     finally:
+        torch.set_num_threads(threads)
         for handler in logging.getLogger("arcface").handlers:
             handler.close()  # the training.log of this run
 
