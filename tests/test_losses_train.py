@@ -140,3 +140,34 @@ def test_adaface_resumed_on_two_ranks_continues_the_statistics_of_one_process(tm
         head = _rank_state(out, 2, rank)["state_dict_softmax_fc"]
         actual = (float(head["margin_loss.batch_mean"]), float(head["margin_loss.batch_std"]))
         assert actual == pytest.approx(expected, rel=1e-4), (rank, actual, expected)
+
+
+# ---- pretrained class centres with sub-centres ------------------------------------------------
+
+def test_pretrained_class_centres_with_sub_centres_fill_each_ranks_rows(tmp_path, capsys):
+    """`pretrained_fc` of a K = 3 run is [num_classes * 3, D], class-major (tools/partial_fc_shards.py
+    merge writes it so): each rank takes the K rows of each of its classes."""
+    from losses import get_margin, PartialFC
+    from training.state import load_pretrained
+
+    merged = torch.randn(NUM_CLASSES * 3, DIM)
+    torch.save({"weight": merged}, tmp_path / "fc3.pt")
+    shards = []
+    for rank in (0, 1):
+        head = PartialFC(get_margin("arcface"), DIM, NUM_CLASSES, num_subcenters=3, rank=rank, world_size=2)
+        load_pretrained(torch.nn.Linear(1, 1), head, backbone_path=None, head_path=str(tmp_path / "fc3.pt"), network="mbf")
+        shards.append(head.weight.detach())
+    assert torch.equal(torch.cat(shards), merged) and shards[1].shape == (NUM_CLASSES // 2 * 3, DIM)
+
+    # through train.py: the merged centres of a K = 1 run do not fit a K = 3 run
+    torch.save({"weight": merged[:NUM_CLASSES]}, tmp_path / "fc1.pt")
+    capsys.readouterr()
+    out = tmp_path / "never"
+    assert _train_in_process(out, "--loss=arcface", "--num_subcenters=3", f"--pretrained_fc={tmp_path / 'fc1.pt'}",
+                             "--max_steps=1", "--batch_size=2") == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0] == (
+        f"error: {tmp_path / 'fc1.pt'} has class centres of shape ({NUM_CLASSES}, {DIM}), this run needs "
+        f"({NUM_CLASSES * 3}, {DIM}) (num_classes={NUM_CLASSES} x num_subcenters=3)"
+    ), lines
+    assert not out.exists()
