@@ -146,7 +146,8 @@ def _resume_copy(run, step, where) -> Path:
     return where
 
 
-def test_two_rank_distilled_run_resumed_from_its_middle_ends_like_the_uninterrupted_one(rec, teacher, two_rank_run, tmp_path):
+def test_two_rank_distilled_run_resumed_from_its_middle_ends_like_the_uninterrupted_one(
+        rec, teacher, two_rank_run, tmp_path):
     full = two_rank_run
     assert sorted(_progress(full)) == [1, 2, 3, 4, 5, 6]
     assert "world size 2 (gloo" in (full / "training.log").read_text()
@@ -180,7 +181,8 @@ def test_resuming_with_another_teacher_is_one_line_and_changes_nothing(rec, two_
     capsys.readouterr()
     assert _train_in_process(rec, cut, *_distill(other), "--val_targets=[]", "--resume=True") == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: teacher={str(other)!r} is not the teacher this run was trained with"), lines
+    expected = f"error: teacher={str(other)!r} is not the teacher this run was trained with"
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
     assert "pass the run's teacher to resume it" in lines[0]
     assert before == {p: p.stat().st_mtime_ns for p in cut.rglob("*") if p.is_file()}
 
@@ -194,7 +196,8 @@ def test_resuming_with_another_teacher_is_one_line_and_changes_nothing(rec, two_
     (["--teacher={teacher}", "--teacher_network=mbf", "--distill_weight=-0.5"],
      "distill_weight must be a finite number >= 0 (0 turns distillation off), got -0.5"),
 ], ids=["missing_teacher", "mbf_weights_as_r50", "unknown_distill_loss", "negative_weight"])
-def test_bad_distillation_input_is_one_error_line_and_writes_nothing(rec, teacher, tmp_path, capsys, overrides, message):
+def test_bad_distillation_input_is_one_error_line_and_writes_nothing(
+        rec, teacher, tmp_path, capsys, overrides, message):
     names = {"missing": tmp_path / "nope.pt", "teacher": teacher}
     out = tmp_path / "never"
     capsys.readouterr()

@@ -52,7 +52,8 @@ def _train_in_process(output, *extra) -> int:
 
 def _logged_losses(output) -> dict[int, float]:
     log = (Path(output) / "training.log").read_text()
-    return {int(s): float(v) for s, v in re.findall(r"step (\d+)/\d+ \([^)]*\) \| epoch \d+ \| loss ([-0-9.naif]+)", log)}
+    found = re.findall(r"step (\d+)/\d+ \([^)]*\) \| epoch \d+ \| loss ([-0-9.naif]+)", log)
+    return {int(s): float(v) for s, v in found}
 
 
 def _rank_state(output, step, rank=0):
@@ -63,7 +64,8 @@ def _rank_state(output, step, rank=0):
 @pytest.mark.parametrize("loss, subcenters", [(name, 1) for name in available_losses()] + [("arcface", 3)])
 def test_every_loss_trains_through_train_py_and_its_checkpoint_records_it(tmp_path, loss, subcenters):
     out = tmp_path / "run"
-    assert _train_in_process(out, f"--loss={loss}", f"--num_subcenters={subcenters}", "--max_steps=2", "--batch_size=2") == 0
+    extra = [f"--loss={loss}", f"--num_subcenters={subcenters}", "--max_steps=2", "--batch_size=2"]
+    assert _train_in_process(out, *extra) == 0
     losses = _logged_losses(out)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) and v > 0 for v in losses.values()), losses
     state = _rank_state(out, 2)
@@ -74,13 +76,29 @@ def test_every_loss_trains_through_train_py_and_its_checkpoint_records_it(tmp_pa
     assert (out / "model.onnx").stat().st_size > 0
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--loss=arcfase"], "loss 'arcfase' is unknown; valid losses: combined, arcface, cosface, adaface"),
+    (["--loss=adaface", "--loss_params={'q': 1}"], "loss_params: 'q' is not a parameter of loss 'adaface'; valid: s, m, h"),
+    (["--loss=adaface", "--loss_params={'h': -1}"], "h must be >= 0, got -1"),
+    (["--num_subcenters=0"], "num_subcenters must be an integer in [1, 255], got 0"),
+])
+def test_bad_loss_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    capsys.readouterr()
+    assert _train_in_process(out, *extra) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not out.exists()
+
+
 def test_a_checkpoint_of_another_loss_or_sub_centre_count_is_refused_in_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     assert _train_in_process(out, "--loss=adaface", "--max_steps=1", "--batch_size=2") == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     for extra, message in [
-        (["--loss=curricularface"], "was trained with loss='adaface', the config has loss='curricularface': resume with --loss=adaface"),
+        (["--loss=curricularface"],
+         "was trained with loss='adaface', the config has loss='curricularface': resume with --loss=adaface"),
         (["--loss=adaface", "--num_subcenters=3"], "has num_subcenters=1, the config has 3"),
     ]:
         assert _train_in_process(out, *extra, "--max_steps=2", "--batch_size=2", "--resume=True") == 2
@@ -155,7 +173,8 @@ def test_pretrained_class_centres_with_sub_centres_fill_each_ranks_rows(tmp_path
     shards = []
     for rank in (0, 1):
         head = PartialFC(get_margin("arcface"), DIM, NUM_CLASSES, num_subcenters=3, rank=rank, world_size=2)
-        load_pretrained(torch.nn.Linear(1, 1), head, backbone_path=None, head_path=str(tmp_path / "fc3.pt"), network="mbf")
+        load_pretrained(torch.nn.Linear(1, 1), head, backbone_path=None, head_path=str(tmp_path / "fc3.pt"),
+                        network="mbf")
         shards.append(head.weight.detach())
     assert torch.equal(torch.cat(shards), merged) and shards[1].shape == (NUM_CLASSES // 2 * 3, DIM)
 

@@ -100,7 +100,8 @@ def test_an_insightface_config_with_wandb_trains_offline_with_its_metrics_and_te
 
     (run,) = wandb_runs(out)
     meta = run["run"]
-    assert (meta["entity"], meta["project"], meta["notes"]) == ("face-lab", "insightface-config", "tiny insightface config")
+    expected = ("face-lab", "insightface-config", "tiny insightface config")
+    assert (meta["entity"], meta["project"], meta["notes"]) == expected
     name = meta["display_name"]
     assert name.endswith("_GPU0_mbf"), name
     assert run["config"]["network"] == "mbf" and run["config"]["batch_size"] == 12 and "wandb_key" not in run["config"]
