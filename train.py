@@ -214,7 +214,7 @@ def _train_loop(cfg, ctx, loader, state, step, progress, evaluate, tracker, logg
 
 def _log_step(progress, step, state, global_step: int, epoch: int) -> None:
     """A logging step on every rank: the means since the last one, the last step's loss, the
-    margin's state; the only place the loop reads the device."""
+    margin's state, to the log line and the tracker. Reads the device: logging steps only."""
     from training.progress import margin_figures
 
     losses = step.take_losses()
