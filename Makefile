@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test soak demo bench clean
 
 setup: $(STAMP)
 
@@ -15,8 +15,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# The suite without the long soak and requeue tests (@pytest.mark.slow); `make soak` runs those.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+soak: setup
+	$(PY) -m pytest -q -m slow tests
 
 # A fresh run each time (the drawn data set in data/synthetic_faces is reused).
 demo: setup

@@ -1,7 +1,7 @@
 """Knowledge distillation measured: accuracy and closeness to the teacher on held-out faces,
 and what the teacher costs per step.
 
-measure  (issue 12, item 6; needs train.py to run the distillation term -- phase 2)
+measure  (issue 12, item 6)
     Trains a teacher on the synthetic faces of configs/demo.py, then two students of the
     demo's size for the same step budget, one without and one with distillation, each as
     `python train.py configs/demo.py ...` (the commands are printed, so every figure can be
@@ -19,7 +19,7 @@ measure  (issue 12, item 6; needs train.py to run the distillation term -- phase
     mean held-out cosine to the teacher >= 0.8 (near 0 without distillation); a distilled mbf
     student of an r50 teacher beats the undistilled one at the same step budget.
 
-cost  (runs now: calls losses/distillation.py directly)
+cost  (calls losses/distillation.py directly)
     Samples/s of a student training step (forward, PartialFC loss, backward, SGD) without and
     with the teacher's forward + the distillation loss, the two steps interleaved so that other
     load on the machine slows both alike.
@@ -108,8 +108,8 @@ def measure(opts, log=print) -> dict:
         ], log)
         if extra and not PROGRESS_DISTILL.search((out / name / "training.log").read_text()):
             raise SystemExit(
-                f"error: {out / name / 'training.log'} logs no '| distill' value: this train.py ignores the "
-                f"distillation keys (the term is not wired into the training step yet)"
+                f"error: {out / name / 'training.log'} logs no '| distill' value: this train.py did not "
+                f"train with the distillation term"
             )
 
     data = _held_out(rec)

@@ -2,7 +2,8 @@
 
 Every rank calls the callback: the images are split over the ranks, embedded and
 all-gathered, so evaluation costs 1/world_size of the single-GPU time and no rank
-waits in a collective that another rank skips. Rank 0 logs and writes TensorBoard.
+waits in a collective that another rank skips. Rank 0 logs; the caller passes the
+returned results on to its tracker (TensorBoard, wandb).
 """
 from __future__ import annotations
 
@@ -25,14 +26,12 @@ class VerificationCallback:
         val_targets: Sequence[str],
         rec_prefix: str,
         ctx: DistContext | None,
-        summary_writer=None,
         image_size: tuple[int, int] = (112, 112),
         batch_size: int = 64,
         logger: logging.Logger | None = None,
         amp_dtype: torch.dtype | None = None,
     ):
         self.ctx = ctx if ctx is not None else DistContext()
-        self.summary_writer = summary_writer
         self.batch_size = batch_size
         self.amp_dtype = amp_dtype
         self.logger = logger if logger is not None else logging.getLogger(DEFAULT_LOGGER)
@@ -52,18 +51,27 @@ class VerificationCallback:
         """Evaluate every set; returns {name: {acc, std, xnorm, acc_best}} on every rank."""
         results = {}
         for name, data_list, issame in self.sets:
-            embeddings, xnorm = embed_verification_set(
-                data_list, backbone, self.batch_size, ctx=self.ctx, amp_dtype=self.amp_dtype
-            )
-            result = evaluate(embeddings, issame, nrof_folds=10)
-            acc, std = result.accuracy, result.accuracy_std
+            acc, std, xnorm = self._evaluate_set(data_list, issame, backbone)
             self.highest_acc[name] = max(self.highest_acc[name], acc)
             results[name] = {"acc": acc, "std": std, "xnorm": xnorm, "acc_best": self.highest_acc[name]}
             if self.ctx.is_main:
                 self.logger.info("[%s][%d]XNorm: %f", name, global_step, xnorm)
                 self.logger.info("[%s][%d]Accuracy-Flip: %1.5f+-%1.5f", name, global_step, acc, std)
                 self.logger.info("[%s][%d]Accuracy-Highest: %1.5f", name, global_step, self.highest_acc[name])
-                if self.summary_writer is not None:
-                    self.summary_writer.add_scalar(f"verification/{name}/accuracy", acc, global_step)
-                    self.summary_writer.add_scalar(f"verification/{name}/xnorm", xnorm, global_step)
         return results
+
+    def evaluate(self, backbone: torch.nn.Module) -> dict[str, dict[str, float]]:
+        """{name: {acc, std, xnorm}} of another model on the same sets (e.g. a distillation
+        teacher), without logging and without touching the best accuracies; every rank calls it."""
+        results = {}
+        for name, data_list, issame in self.sets:
+            acc, std, xnorm = self._evaluate_set(data_list, issame, backbone)
+            results[name] = {"acc": acc, "std": std, "xnorm": xnorm}
+        return results
+
+    def _evaluate_set(self, data_list, issame, backbone) -> tuple[float, float, float]:
+        embeddings, xnorm = embed_verification_set(
+            data_list, backbone, self.batch_size, ctx=self.ctx, amp_dtype=self.amp_dtype
+        )
+        result = evaluate(embeddings, issame, nrof_folds=10)
+        return result.accuracy, result.accuracy_std, xnorm

@@ -20,7 +20,7 @@ from losses import CombinedMarginLoss, PartialFC
 from losses.optim import build_optimizer
 from training.errors import TrainingInputError
 from training.guard import NonFiniteGuard, StopRequest
-from training.progress import ProgressReport, TensorBoardTracker
+from training.progress import ProgressReport, TrackerSink, margin_figures
 from training.state import (
     Position, RunInfo, RunState, StepPlan, check_compatible, plan_run, resume_point, steps_after_resume,
 )
@@ -183,7 +183,8 @@ def test_state_dict_keeps_the_checkpoint_schema():
     saved = state.state_dict()
     assert list(saved) == SCHEMA + ["state_dict_backbone"]
     assert (saved["epoch"], saved["batch_in_epoch"], saved["global_step"]) == (0, 2, 2)
-    assert saved["partial_fc"] == {"class_start": 0, "num_local": CLASSES, "num_classes": CLASSES, "embedding_size": DIM}
+    assert saved["partial_fc"] == {"class_start": 0, "num_local": CLASSES, "num_classes": CLASSES, "embedding_size": DIM,
+                                   "num_subcenters": 1, "loss": "combined"}
     assert saved["run"] == {"network": "tiny", "embedding_size": DIM, "num_classes": CLASSES, "global_batch_size": 4,
                             "gradient_acc": 1, "total_steps": 8}
     assert saved["state_scaler"] is None and saved["state_lr_scheduler"]["last_epoch"] == 2
@@ -407,20 +408,28 @@ def test_two_ranks_agree_on_the_step_to_stop():
 
 # --- the progress report --------------------------------------------------------------------------
 
-def test_progress_metrics_go_to_the_log_line_and_tensorboard(tmp_path, caplog):
+def test_progress_metrics_go_to_the_log_line_and_the_tracker(tmp_path, caplog):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
 
+    from losses import AdaFaceMargin
+    from utils.config import load_config
     from utils.log import SpeedMeter
+    from utils.tracking import Tracker
 
-    writer = SummaryWriter(log_dir=str(tmp_path))
+    cfg = load_config("configs/ms1mv3_r50", [f"--output={tmp_path}"])
+    tracker = Tracker.create(cfg, DistContext(), str(tmp_path))  # TensorBoard only: using_wandb=False
     logger = logging.getLogger("test_progress")
-    report = ProgressReport(logger, SpeedMeter(32, 100), 100, [TensorBoardTracker(writer)])
+    report = ProgressReport(logger, SpeedMeter(32, 100), 100, [TrackerSink(tracker)])
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    head = PartialFC(AdaFaceMargin(), DIM, CLASSES)
+    head.margin_loss.batch_mean.fill_(21.5)
+    figures = margin_figures(head)
+    assert figures == {"Margin/batch_mean": 21.5, "Margin/batch_std": 100.0}
     metrics = report.metrics(10, epoch=2, losses={"loss": 12.34, "distill": 0.056}, lr=0.05, scaler=scaler,
-                             skipped_nonfinite=1)
-    assert {k: metrics[k] for k in ("loss", "distill", "lr", "epoch", "grad_scale", "skipped_nonfinite_steps")} == {
-        "loss": 12.34, "distill": 0.056, "lr": 0.05, "epoch": 2, "grad_scale": 1024.0, "skipped_nonfinite_steps": 1,
+                             skipped_nonfinite=1, step_loss=12.5, figures=figures)
+    assert {k: metrics[k] for k in ("loss", "distill", "step_loss", "lr", "epoch", "grad_scale", "skipped_nonfinite_steps")} == {
+        "loss": 12.34, "distill": 0.056, "step_loss": 12.5, "lr": 0.05, "epoch": 2, "grad_scale": 1024.0,
+        "skipped_nonfinite_steps": 1,
     }
     assert metrics["samples_per_sec"] > 0
     with caplog.at_level(logging.INFO, logger="test_progress"):
@@ -428,13 +437,20 @@ def test_progress_metrics_go_to_the_log_line_and_tensorboard(tmp_path, caplog):
     line = caplog.records[-1].getMessage()
     assert line.startswith("step 10/100 (10.0%) | epoch 2 | loss 12.3400 | distill 0.0560 | lr 0.050000 | ")
     assert "| grad scale 1024 | skipped non-finite steps 1 | elapsed " in line and "| ETA " in line
-    writer.close()
+    assert "12.5" not in line and "Margin" not in line  # the step loss and the figures go to the tracker only
+    tracker.close()
+    assert margin_figures(PartialFC(CombinedMarginLoss(8.0, 1.0, 0.2, 0.0), DIM, CLASSES)) == {}
 
-    events = EventAccumulator(str(tmp_path))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     scalars = {tag: events.Scalars(tag)[-1] for tag in events.Tags()["scalars"]}
-    assert set(scalars) == {"train/loss", "train/distill", "train/lr", "train/samples_per_sec"}
-    assert scalars["train/distill"].value == pytest.approx(0.056) and scalars["train/loss"].step == 10
+    assert {tag: s.value for tag, s in scalars.items() if tag != "Process/Samples per Second"} == pytest.approx({
+        "Loss/Train Loss": 12.34, "Loss/Step Loss": 12.5, "Train/distill": 0.056, "Process/Learning Rate": 0.05,
+        "Process/Grad Scale": 1024.0, "Process/Step": 10, "Process/Epoch": 2, "Margin/batch_mean": 21.5,
+        "Margin/batch_std": 100.0, "Process/Skipped Non-finite Steps": 1,
+    })
+    assert scalars["Process/Samples per Second"].value == pytest.approx(metrics["samples_per_sec"])
+    assert {s.step for s in scalars.values()} == {10}
 
 
 # --- pretrained weights -----------------------------------------------------------------------------

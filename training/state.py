@@ -12,8 +12,9 @@ Keys, in the order they are written (rank 0 adds `state_dict_backbone`):
                              `epoch` are consumed (insightface's files: batch 0)
     global_step              optimizer steps taken (checkpoint names never go backwards)
     world_size, rank
-    state_dict_softmax_fc    this rank's class centres
-    partial_fc               class_start, num_local, num_classes, embedding_size
+    state_dict_softmax_fc    this rank's class centres (and the margin's state: margin_loss.*)
+    partial_fc               PartialFC.shard_metadata(): class_start, num_local, num_classes,
+                             embedding_size, num_subcenters, loss (losses/reshard.py reads it)
     state_optimizer, state_lr_scheduler, state_scaler (None without GradScaler)
     rng                      python / numpy / torch (/ cuda) generator states of this rank
     run                      network, embedding_size, num_classes, global_batch_size,
@@ -184,8 +185,9 @@ class RunInfo:
         }
 
 
-def check_compatible(checkpoint: dict, info: RunInfo, source: str) -> None:
-    """Refuse a checkpoint of another network, embedding size or number of classes."""
+def check_compatible(checkpoint: dict, info: RunInfo, source: str, head=None) -> None:
+    """Refuse a checkpoint of another network, embedding size or number of classes, or (with
+    `head`, the run's PartialFC) of another margin loss or number of sub-centres."""
     run = checkpoint.get("run")
     where = f"checkpoint {source}"
     if run is not None:
@@ -195,9 +197,29 @@ def check_compatible(checkpoint: dict, info: RunInfo, source: str) -> None:
             raise TrainingInputError(
                 f"{where} has embedding_size={run.get('embedding_size')}, the config has {info.embedding_size}"
             )
-    saved_classes = checkpoint.get("partial_fc", {}).get("num_classes")
+    saved = checkpoint.get("partial_fc") or {}
+    saved_classes = saved.get("num_classes")
     if saved_classes is not None and saved_classes != info.num_classes:
         raise TrainingInputError(f"{where} has num_classes={saved_classes}, this run has {info.num_classes}")
+    if head is not None:
+        _check_head_compatible(saved, head.shard_metadata(), where)
+
+
+def _check_head_compatible(saved: dict, ours: dict, where: str) -> None:
+    """The saved loss and sub-centres against the run's (files from before they were recorded
+    have neither: the head's strict load_state_dict still refuses a margin state that does not fit)."""
+    loss = saved.get("loss")
+    if loss is not None and loss != ours["loss"]:
+        raise TrainingInputError(
+            f"{where} was trained with loss={loss!r}, the config has loss={ours['loss']!r}: resume with "
+            f"--loss={loss}, or start a new run from pretrained / pretrained_fc"
+        )
+    subcenters = saved.get("num_subcenters", 1)
+    if subcenters != ours["num_subcenters"]:
+        raise TrainingInputError(
+            f"{where} has num_subcenters={subcenters}, the config has {ours['num_subcenters']}: resume with "
+            f"--num_subcenters={subcenters}"
+        )
 
 
 # --- the state ------------------------------------------------------------------------------
@@ -260,10 +282,7 @@ class RunState:
             "world_size": self.world_size,
             "rank": self.rank,
             "state_dict_softmax_fc": head.state_dict(),
-            "partial_fc": {
-                "class_start": head.class_start, "num_local": head.num_local,
-                "num_classes": self.info.num_classes, "embedding_size": self.info.embedding_size,
-            },
+            "partial_fc": head.shard_metadata(),
             "state_optimizer": self.optimizer.state_dict(),
             "state_lr_scheduler": self.scheduler.state_dict(),
             "state_scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -279,14 +298,16 @@ class RunState:
     def load_state_dict(self, checkpoint: dict, source: str = "checkpoint") -> ResumePoint:
         """Continue from `checkpoint`; returns where (and why there) for the log.
 
-        Checked first (network, embedding size, classes), then loaded: the backbone (rank 0's
-        file), the class centres, the optimizer and scaler state, the random-number states.
+        Checked first (network, embedding size, classes, loss, sub-centres), then loaded: the
+        backbone (rank 0's file), the class centres and the margin's state, the auxiliary terms'
+        state (a distillation term refuses another teacher), the optimizer and scaler state,
+        the random-number states.
         The lr schedule follows this run's plan (its length may differ from the saved run's:
         another world size or num_epoch); only the position comes from the checkpoint.
         """
         from backbones.weights import load_state_dict_into
 
-        check_compatible(checkpoint, self.info, source)
+        check_compatible(checkpoint, self.info, source, head=self.head)
         point = resume_point(
             checkpoint, self.plan, global_batch=self.info.global_batch_size, gradient_acc=self.info.gradient_acc,
             world_size=self.world_size,
@@ -317,7 +338,8 @@ class RunState:
 
 def load_pretrained(backbone, head, *, backbone_path: str | None, head_path: str | None, network: str) -> list[str]:
     """Initialise from `pretrained` (any backbone weights file) / `pretrained_fc` (merged class
-    centres, e.g. tools/partial_fc_shards.py merge); returns what was done, for the log."""
+    centres [num_classes * num_subcenters, D], e.g. tools/partial_fc_shards.py merge); returns
+    what was done, for the log."""
     from backbones.weights import load_state_dict_into, read_backbone_state_dict
 
     notes = []
@@ -334,13 +356,15 @@ def load_pretrained(backbone, head, *, backbone_path: str | None, head_path: str
         weight = state.get("weight") if isinstance(state, dict) else state
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise TrainingInputError(f"{head_path} holds no [num_classes, embedding_size] 'weight' tensor")
-        if tuple(weight.shape) != (head.num_classes, head.embedding_size):
+        k = head.num_subcenters  # K rows per class, class-major (losses/subcenter.py)
+        if tuple(weight.shape) != (head.num_classes * k, head.embedding_size):
+            layout = f" (num_classes={head.num_classes} x num_subcenters={k})" if k > 1 else ""
             raise TrainingInputError(
                 f"{head_path} has class centres of shape {tuple(weight.shape)}, this run needs "
-                f"({head.num_classes}, {head.embedding_size})"
+                f"({head.num_classes * k}, {head.embedding_size}){layout}"
             )
         with torch.no_grad():
-            shard = weight[head.class_start : head.class_start + head.num_local]
+            shard = weight[head.class_start * k : (head.class_start + head.num_local) * k]
             head.weight.copy_(shard.to(head.weight.dtype))
         notes.append(f"class centres initialised from {head_path}")
     return notes

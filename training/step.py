@@ -24,6 +24,7 @@ parameters are trained with the backbone's: build the optimizer with
     build_optimizer(cfg.optimizer, trainable_parameters(backbone, aux), head.parameters(), ...)
 
 and they are clipped together with the backbone's. They are not inside DDP, so the step
+gives every rank rank 0's term weights when it is built (as DDP does for the backbone) and
 averages their gradients over the ranks itself before the optimizer step. Pass the terms
 to `training.state.RunState` too: checkpoints then hold each term's `state_dict()` (keep
 a frozen teacher out of it, e.g. by not registering it as a submodule).
@@ -115,6 +116,8 @@ class TrainStep:
             p for group in optimizer.param_groups for p in group["params"] if id(p) not in clipped
         ]
         self.distributed = distributed
+        if distributed:
+            self._broadcast_aux_state()
         self._micro = 0  # batches since the last optimizer step
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
@@ -173,6 +176,15 @@ class TrainStep:
         self.last_lr = optimizer.param_groups[0]["lr"]
         if self.scheduler is not None:
             self.scheduler.step()
+
+    def _broadcast_aux_state(self) -> None:
+        """Give every rank rank 0's auxiliary-term weights, as DDP does for the backbone: each
+        rank initialised them from its own random numbers (or loaded its own checkpoint file)."""
+        import torch.distributed as dist
+
+        for term in self.aux_losses:
+            for tensor in [*term.parameters(), *term.buffers()]:
+                dist.broadcast(tensor.data, src=0)
 
     def _average_aux_gradients(self) -> None:
         """DDP averages the backbone's gradients; the auxiliary terms' parameters are outside it."""
