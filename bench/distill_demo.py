@@ -72,7 +72,6 @@ def _held_out(rec: str):
 
 def _embed(model_path: Path, network: str, data):
     """Flip-summed, L2-normalised embeddings [2N, D] of the held-out images, and the accuracy."""
-    import numpy as np
 
     from backbones.weights import load_backbone_weights
     from eval.verification import embed_verification_set, evaluate
@@ -80,8 +79,7 @@ def _embed(model_path: Path, network: str, data):
     data_list, issame = data
     model = load_backbone_weights(model_path, network)
     embeddings, _ = embed_verification_set(data_list, model, batch_size=64)
-    _, _, accuracy, _, _, _ = evaluate(embeddings, issame, nrof_folds=10)
-    return embeddings, float(np.mean(accuracy))
+    return embeddings, evaluate(embeddings, issame, nrof_folds=10).accuracy
 
 
 def measure(opts, log=print) -> dict:

@@ -86,16 +86,13 @@ def _rank_state(output, step, rank=0):
 
 def _teacher_accuracy(teacher, rec) -> float:
     """The teacher's flip accuracy on the verification set, computed here."""
-    import numpy as np
-
     from backbones.weights import load_backbone_weights
     from dataset.verification_bin import load_bin
     from eval.verification import embed_verification_set, evaluate
 
     data_list, issame = load_bin(str(rec / "lfw_style.bin"))
     embeddings, _ = embed_verification_set(data_list, load_backbone_weights(teacher, "mbf"), batch_size=4)
-    _, _, accuracy, _, _, _ = evaluate(embeddings, issame, nrof_folds=10)
-    return float(np.mean(accuracy))
+    return evaluate(embeddings, issame, nrof_folds=10).accuracy
 
 
 def test_single_process_distilled_run_logs_distill_and_the_teachers_accuracy(rec, teacher, tmp_path):
