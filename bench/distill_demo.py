@@ -72,7 +72,6 @@ def _held_out(rec: str):
 
 def _embed(model_path: Path, network: str, data):
     """Flip-summed, L2-normalised embeddings [2N, D] of the held-out images, and the accuracy."""
-
     from backbones.weights import load_backbone_weights
     from eval.verification import embed_verification_set, evaluate
 
