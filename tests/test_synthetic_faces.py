@@ -166,6 +166,7 @@ def test_cli_writes_the_set_and_a_preview(tmp_path):
         "error: synthetic_faces: num_val_pairs must be even (half same, half different), got 3"]
 
 
+@pytest.mark.slow  # ~3 minutes of training on 2 cores: `make soak` runs it
 def test_train_py_generates_the_set_and_learns_to_verify_new_identities(tmp_path):
     """The demo's promise on a smaller set: held-out verification accuracy clearly rises.
 
