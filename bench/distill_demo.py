@@ -33,6 +33,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,6 +100,7 @@ def measure(opts, log=print) -> dict:
             f"--distill_weight={weight}", f"--distill_loss={opts.distill_loss}",
         ]
     for name, extra in students.items():
+        shutil.rmtree(out / name, ignore_errors=True)  # a fresh student each time (the teacher is kept)
         # The same seed as each other (not the teacher's): the students start from the same weights.
         _train(_common(out, name, student_steps, rec) + [
             f"--network={opts.student_network}", f"--embedding_size={size}", f"--seed={opts.seed + 1}", *extra,
