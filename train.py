@@ -30,7 +30,7 @@ from utils import checkpoint as ckpt
 from utils import run_identity
 from utils.amp import Precision, resolve_precision
 from utils.config import Config, ConfigError, format_config, load_config, save_config
-from utils.distributed import DeviceError, DistContext, any_rank, cleanup_distributed, init_distributed, wrap_ddp
+from utils.distributed import DeviceError, DistContext, any_rank, cleanup_distributed, first_error, init_distributed, wrap_ddp
 from utils.errors import EXIT_USER_ERROR, UserError
 from utils.log import SpeedMeter, add_file_handler, setup_logging
 
@@ -394,6 +394,30 @@ def _build_run_state(cfg: Config, ctx: DistContext, checked: _Checked):
     return state, distill
 
 
+class _LoadIntoState:
+    """load_newest's check: loads a set's state into the run as part of reading it, so that a
+    readable but unusable rank file (a tensor of the wrong shape, a missing key) on any one
+    rank is voted on like a corrupt one, and every rank falls back to the same older set.
+
+    A refusal of the run's settings (another network, loss or teacher than the checkpoint's)
+    is not a reason to fall back: it is kept and voted on after the sets are read, so every
+    rank refuses the run with the same line. A failed load leaves a partly loaded state; the
+    set loaded next (or the refusal) replaces all of it.
+    """
+
+    def __init__(self, state):
+        self.state = state
+        self.point = None
+        self.refusal: str | None = None
+
+    def __call__(self, checkpoint: dict, cset) -> None:
+        self.refusal = None  # only the set that is kept counts
+        try:
+            self.point = self.state.load_state_dict(checkpoint, source=str(cset.path))
+        except (TrainingInputError, ConfigError) as exc:  # this run's settings do not fit the checkpoint
+            self.refusal = str(exc)
+
+
 def _resume_or_initialise(cfg: Config, ctx: DistContext, state, resume: bool):
     """Continue from the newest readable checkpoint set, or start from the pretrained weights.
 
@@ -406,7 +430,13 @@ def _resume_or_initialise(cfg: Config, ctx: DistContext, state, resume: bool):
     skipped_sets = _Warnings()  # sets that could not be read, logged once the log file exists
     resumed_set = None
     if resume:
-        checkpoint, cset = ckpt.load_newest(cfg.output, ctx, skipped_sets, map_location="cpu", loader=load_for_rank)
+        loaded = _LoadIntoState(state)
+        checkpoint, cset = ckpt.load_newest(
+            cfg.output, ctx, skipped_sets, map_location="cpu", loader=load_for_rank, check=loaded
+        )
+        refusal = first_error(loaded.refusal, ctx)
+        if refusal is not None:  # a user error on any rank stops every rank with the same line
+            raise TrainingInputError(refusal)
         if checkpoint is None and ckpt.candidate_sets(cfg.output):
             # Starting anew here would later prune the unreadable sets as "older": refuse instead.
             raise TrainingInputError(
@@ -416,8 +446,7 @@ def _resume_or_initialise(cfg: Config, ctx: DistContext, state, resume: bool):
         if checkpoint is None:
             notes.append(f"resume requested but {cfg.output} holds no complete checkpoint: starting from scratch")
         else:
-            point = state.load_state_dict(checkpoint, source=str(cset.path))
-            notes.extend(point.notes(str(cset.path)))
+            notes.extend(loaded.point.notes(str(cset.path)))
             resumed_set = cset
             del checkpoint  # free the memory
     if resumed_set is None:

@@ -7,6 +7,7 @@ each loss's paper defaults for the rest. The accuracy is the demo's own final lo
 
     python bench/loss_demo.py                      # every case, two at a time (one thread each)
     python bench/loss_demo.py --cases adaface magface --jobs 1
+    python bench/loss_demo.py --steps 150          # every case at half the demo's budget
     python bench/loss_demo.py --quick              # smoke test: 2 steps per case
 
 Results: docs/bench_results/loss_demo.json (kept in the repository, with the machine) and a
@@ -53,13 +54,13 @@ CASES: dict[str, list[str]] = {
 }
 
 
-def run_case(name: str, out_root: Path, threads: int, quick: bool) -> dict:
+def run_case(name: str, out_root: Path, threads: int, steps: int | None) -> dict:
     command = [
         sys.executable, "train.py", DEMO, *CASES[name], f"--output={out_root / name}",
         "--verbose=1000000",  # before and after only: the mid-run evaluation adds nothing here
     ]
-    if quick:
-        command.append("--max_steps=2")
+    if steps is not None:
+        command.append(f"--max_steps={steps}")  # the lr schedule follows the shorter run
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print("$ " + " ".join(command[1:]), flush=True)
     start = time.perf_counter()
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once (each gets cpus/jobs threads)")
     parser.add_argument("--out", default="work_dirs/loss_demo")
+    parser.add_argument("--steps", type=int, default=None, help="fewer steps than the demo's 300 (all cases alike)")
     parser.add_argument("--quick", action="store_true", help="2 steps per case; results are not saved")
     args = parser.parse_args()
 
@@ -94,9 +96,10 @@ def main() -> None:
     first, rest = args.cases[:1], args.cases[1:]
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     out_root = ROOT / args.out
-    results = [run_case(first[0], out_root, threads, args.quick)]
+    steps = 2 if args.quick else args.steps
+    results = [run_case(first[0], out_root, threads, steps)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results += list(pool.map(lambda name: run_case(name, out_root, threads, args.quick), rest))
+        results += list(pool.map(lambda name: run_case(name, out_root, threads, steps), rest))
     for r in results:
         print(f"{r['name']}: {r['before']:.2f}% -> {r['after']:.2f}% ({r['seconds']:.0f} s)", flush=True)
     print(markdown(results))

@@ -311,6 +311,46 @@ def test_both_ranks_fall_back_together_past_a_corrupt_and_a_mixed_set(rec, refer
     _assert_same_weights(out, reference)
 
 
+def test_a_rank_file_that_reads_but_does_not_load_sends_both_ranks_to_the_older_set(rec, reference, tmp_path):
+    """Rank 1's newest file is a valid torch file whose optimizer state lacks its parameter
+    groups (as a writer of another version might leave it): reading and re-sharding succeed,
+    only loading it into the run fails, on rank 1 alone."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "model.pt").unlink()
+    path = out / "checkpoints" / "step_000000006" / "checkpoint_gpu_1.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    del state["state_optimizer"]["param_groups"]
+    torch.save(state, path)
+
+    code, output = _run(STANDALONE, rec, out, "--resume=True")
+    assert code == 0, output[-4000:]
+    text = (out / "training.log").read_text()
+    assert "step_000000006 cannot be used on rank 1: KeyError: 'param_groups'" in text
+    assert "resumed from" in text and "step_000000004: epoch 0, batch 4, global step 4" in text
+    _assert_same_weights(out, reference)
+
+
+def test_a_checkpoint_one_rank_refuses_stops_both_ranks_with_the_same_line(rec, reference, tmp_path):
+    """Only rank 1's file says another network (as a mixed-up copy would): the run's settings
+    do not fit it, which is no reason to fall back; every rank stops with one message."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for step in (2, 4, 6):
+        path = out / "checkpoints" / f"step_{step:09d}" / "checkpoint_gpu_1.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state["run"]["network"] = "r18"
+        torch.save(state, path)
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*.pt")}
+
+    code, output = _run(STANDALONE, rec, out, "--resume=True")
+    assert code != 0
+    lines = _error_lines(output)
+    assert len(lines) == 1 and "network='r18'" in lines[0], output[-4000:]
+    assert output.count("error (rank ") == 2, output[-4000:]
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*.pt")} == before
+
+
 # ---- the training step's guard before a save
 
 def test_a_skipped_last_step_still_leaves_a_checkpoint_that_continues_the_run(rec, tmp_path):
