@@ -241,6 +241,32 @@ def peak_flops(device_name: str) -> tuple[float, str] | None:
     return None
 
 
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                          size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of the fastest of `repeats` [size x size] @ [size x size] matmuls in `dtype`
+    (after one untimed call): a measured ceiling for devices without a datasheet peak
+    (CPUs), as MFU's denominator. Other load on the machine only lowers it."""
+    import time
+
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
 def format_mfu(step_flops: float, seconds: float, device_name: str) -> str:
     """'41.3% of H100 SXM, dense fp16/bf16 (989 TFLOP/s)', or why there is no figure."""
     found = peak_flops(device_name)
