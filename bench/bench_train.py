@@ -331,6 +331,7 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
         entry["precision"] = runner.precision
         peak = mfu_peak(device, runner.precision) if step_flops else None
         entry["mfu"] = mfu(step_flops, entry["min_s"], peak[0]) if peak else None
+        entry["mfu_peak_flops"] = peak[0] if peak else None
         entry["mfu_peak"] = peak[1] if peak else ("n/a: no eager path to count FLOPs on" if not step_flops else
                                                   f"n/a: no peak known for {_device_name(device)!r}")
         if runner.kind == "compiled":

@@ -50,7 +50,8 @@ PLANS = {
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
     "quick": {
-        "train": dict(models=["mbf"], batch=8, steps=2, warmup=1, compiled=[]),
+        "train": dict(models=["mbf"], batch=8, steps=2, warmup=1, compiled=[],
+                      paths=["reference", "insightface", "default"]),
         "partial_fc": dict(classes=[5_000, 20_000], sample_rates=[1.0, 0.1], batch_sizes=[64], steps=2, warmup=1),
         "inference": dict(models=["mbf"], batch=8, batches=2, warmup=1),
         "data": dict(num_images=300, workers=(0, 1)),
