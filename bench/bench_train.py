@@ -277,7 +277,9 @@ def skip_reason(kind: str, device, insightface_fp16: bool | None = None) -> str 
 
 
 def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, device, log=print,
-              insightface_fp16: bool | None = None) -> dict:
+              insightface_fp16: bool | None = None, profile: bool = True) -> dict:
+    """One model at one batch size: every path's step times, losses, MFU and ratios.
+    `profile`: on a CPU, one more step of each path under the profiler (`profiled_step`)."""
     import torch
 
     from backbones import get_model
@@ -314,7 +316,7 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
             log(f"  {name} step {i + 1}/{len(batches)}{' (warm-up)' if i < warmup else ''}: " + ", ".join(this_step))
         synchronize(device)
         breakdown = {}
-        if device.type == "cpu" and not ctx.is_distributed:
+        if profile and device.type == "cpu" and not ctx.is_distributed:
             images, labels = batches[-1]
             breakdown = {runner.kind: _conv_share(runner, images, labels) for runner in runners}
     finally:
@@ -365,14 +367,14 @@ def _add_ratios(paths: dict) -> None:
 
 
 def run(models, *, batch=32, steps=5, warmup=2, paths=PATHS, device="auto", log=print,
-        insightface_fp16: bool | None = None) -> dict:
+        insightface_fp16: bool | None = None, profile: bool = True) -> dict:
     from utils.distributed import cleanup_distributed, init_distributed
 
     ctx = init_distributed(timeout_minutes=10, device=None if device == "auto" else device)
     try:
         results = [run_model(m, batch=batch, steps=steps, warmup=warmup, paths=paths, ctx=ctx,
                              device=ctx.device, log=log if ctx.is_main else (lambda *_: None),
-                             insightface_fp16=insightface_fp16) for m in models]
+                             insightface_fp16=insightface_fp16, profile=profile) for m in models]
     finally:
         cleanup_distributed()
     return {"models": results, "num_classes": NUM_CLASSES, "steps": steps, "warmup": warmup,
