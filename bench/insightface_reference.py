@@ -190,14 +190,28 @@ def build_insightface_step(backbone: nn.Module, head: nn.Module, *, fp16: bool =
 
 # --- model-FLOPs utilisation ---------------------------------------------------------------
 
+def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                         _output_padding, _groups, output_mask, out_shape=None, **_kwargs) -> int:
+    """convolution_backward: each gradient it computes (input, weight) takes as many
+    multiply-adds as the forward convolution. torch's own formula (2.13) counts the
+    weight gradient of a grouped convolution as if it were ungrouped -- `groups` times too
+    many, 512x for MobileFaceNet's depthwise layers -- so the count is made here."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
 def count_step_flops(step: Callable, *args) -> int:
     """FLOPs of one call of `step(*args)` (forward and backward when it runs both), as
-    torch.utils.flop_counter.FlopCounterMode counts them: matmuls and convolutions, a
+    torch.utils.flop_counter.FlopCounterMode counts them (with grouped convolutions'
+    backward counted right, see _conv_backward_flops): matmuls and convolutions, a
     multiply-add = 2 FLOPs; element-wise work is not counted (the usual MFU convention).
     The call is a real step: run it on a warm-up step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         step(*args)
     return counter.get_total_flops()
 
@@ -239,6 +253,32 @@ def peak_flops(device_name: str) -> tuple[float, str] | None:
         if fragment.lower() in device_name.lower():
             return flops, label
     return None
+
+
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                          size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of the fastest of `repeats` [size x size] @ [size x size] matmuls in `dtype`
+    (after one untimed call): a measured ceiling for devices without a datasheet peak
+    (CPUs), as MFU's denominator. Other load on the machine only lowers it."""
+    import time
+
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def format_mfu(step_flops: float, seconds: float, device_name: str) -> str:

@@ -27,8 +27,12 @@ from bench.common import OtherLoad, ROOT, enable_huge_pages, machine_info, resol
 DOCS = ROOT / "docs"
 QUICK_DIR = ROOT / "bench" / "results"
 
-# Sizes per device kind. The CPU suite takes ~15 min on 2 cores; the CUDA one a few
-# minutes on one GPU (the GPU sizes follow insightface's: 128 images per GPU).
+# Sizes per device kind. The CPU suite takes ~15 min on 2 cores; the CUDA one ~10 minutes on
+# one GPU (the GPU sizes follow insightface's: 128 images per GPU, and 256). train: every
+# model at every batch size (`batch`: one or a list) with the `paths` (default: reference,
+# default, compiled); the compiled path only for the models in `compiled`. bench_train
+# skips the insightface path on a CPU (there it is the eager fp32 reference).
+TRAIN_PATHS = ("reference", "default", "compiled")
 PLANS = {
     "cpu": {
         "train": dict(models=["mbf", "r18", "r50"], batch=32, steps=4, warmup=2, compiled=["r50"]),
@@ -38,14 +42,16 @@ PLANS = {
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
     "cuda": {
-        "train": dict(models=["mbf", "r18", "r50"], batch=128, steps=8, warmup=3, compiled=["r50"]),
+        "train": dict(models=["r50", "r100"], batch=[128, 256], steps=8, warmup=3, compiled=["r50", "r100"],
+                      paths=["reference", "insightface", "default", "compiled"]),
         "partial_fc": dict(classes=[100_000, 1_000_000, 2_000_000, 4_000_000], sample_rates=[1.0, 0.3, 0.1],
                            batch_sizes=[128, 1024], steps=8, warmup=2),
         "inference": dict(models=["mbf", "r18", "r50"], batch=128, batches=6, warmup=2),
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
     "quick": {
-        "train": dict(models=["mbf"], batch=8, steps=2, warmup=1, compiled=[]),
+        "train": dict(models=["mbf"], batch=8, steps=2, warmup=1, compiled=[],
+                      paths=["reference", "insightface", "default"]),
         "partial_fc": dict(classes=[5_000, 20_000], sample_rates=[1.0, 0.1], batch_sizes=[64], steps=2, warmup=1),
         "inference": dict(models=["mbf"], batch=8, batches=2, warmup=1),
         "data": dict(num_images=300, workers=(0, 1)),
@@ -67,21 +73,24 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
 
     def train():
         p = plan["train"]
-        log(f"[train] {p['models']} batch {p['batch']}")
+        batches = p["batch"] if isinstance(p["batch"], (list, tuple)) else [p["batch"]]
+        log(f"[train] {p['models']} batch {batches}")
         models = []
         for name in p["models"]:
-            paths = ("reference", "default", "compiled") if name in p["compiled"] else ("reference", "default")
-            kwargs = dict(batch=p["batch"], steps=p["steps"], warmup=p["warmup"], device=str(device), log=log)
-            try:
-                models += bench_train.run([name], paths=paths, **kwargs)["models"]
-            except Exception as exc:
-                if "compiled" not in paths:
-                    raise
-                # torch.compile needs a working compiler tool chain; the eager paths are still worth having.
-                log(f"  {name}: the compiled path failed ({type(exc).__name__}: {exc}); measuring without it")
-                result = bench_train.run([name], paths=("reference", "default"), **kwargs)["models"][0]
-                result["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                models.append(result)
+            paths = tuple(k for k in p.get("paths", TRAIN_PATHS) if k != "compiled" or name in p["compiled"])
+            for batch in batches:
+                kwargs = dict(batch=batch, steps=p["steps"], warmup=p["warmup"], device=str(device), log=log)
+                try:
+                    models += bench_train.run([name], paths=paths, **kwargs)["models"]
+                except Exception as exc:
+                    if "compiled" not in paths:
+                        raise
+                    # torch.compile needs a working compiler tool chain; the eager paths are still worth having.
+                    log(f"  {name}: the compiled path failed ({type(exc).__name__}: {exc}); measuring without it")
+                    eager = tuple(k for k in paths if k != "compiled")
+                    result = bench_train.run([name], paths=eager, **kwargs)["models"][0]
+                    result["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    models.append(result)
         return {"models": models, "num_classes": bench_train.NUM_CLASSES, "steps": p["steps"], "warmup": p["warmup"]}
 
     def partial_fc():

@@ -100,6 +100,21 @@ def test_flops_of_a_training_step_count_forward_and_backward():
     assert count_step_flops(step) == 3 * forward  # forward, input gradient, weight gradient
 
 
+@pytest.mark.parametrize("groups", [1, 4, 8], ids=["dense", "grouped", "depthwise"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["inner-layer", "first-layer"])
+def test_flops_of_a_convolution_step_match_the_hand_count(groups, input_grad):
+    # Each gradient of a convolution (input, weight) costs what its forward costs; the first
+    # layer's input needs none. torch's own formula counts a grouped weight gradient `groups`x.
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=groups, bias=False)
+    x = torch.randn(2, 8, 16, 16, requires_grad=input_grad)
+
+    def step():
+        conv(x).sum().backward()
+
+    forward = 2 * 2 * 16 * 8 * 8 * (8 // groups) * 3 * 3  # 2 * N * C_out * H_out * W_out * C_in/groups * k * k
+    assert count_step_flops(step) == (3 if input_grad else 2) * forward
+
+
 def test_mfu_and_peaks():
     assert mfu(3e12, 0.01, 600e12) == pytest.approx(0.5)
     assert peak_flops("NVIDIA H100 80GB HBM3")[0] == 989.4e12
