@@ -16,8 +16,9 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 # The suite without the long soak and requeue tests (@pytest.mark.slow); `make soak` runs those.
+# The 25 slowest tests are listed at the end, to keep the suite's time in view.
 test: setup
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=25 tests
 
 soak: setup
 	$(PY) -m pytest -q -m slow tests

@@ -24,9 +24,11 @@ from utils import run_identity
 from utils.distributed import DistContext
 
 NUM_CLASSES, NUM_IMAGES, DIM = 12, 48, 128
+# No data-loader worker processes (each would import torch again): a killed rank with its
+# loader worker is test_resilience's test_killed_worker_is_restarted_and_the_run_finishes.
 COMMON = [
     "--device=cpu", "--network=mbf", f"--num_classes={NUM_CLASSES}", f"--num_image={NUM_IMAGES}", "--batch_size=4",
-    "--frequent=1", "--num_workers=1", f"--embedding_size={DIM}", "--lr=0.05", "--warmup_epoch=0", "--precision=fp32",
+    "--frequent=1", "--num_workers=0", f"--embedding_size={DIM}", "--lr=0.05", "--warmup_epoch=0", "--precision=fp32",
     "--val_targets=[]", "--num_epoch=1", "--save_every_steps=2", "--keep_checkpoints=3",
 ]
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]

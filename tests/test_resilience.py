@@ -24,9 +24,11 @@ from conftest import copy_ms1m_style
 from helpers import PYTHON, REPO_ROOT, free_port, run_script
 
 NUM_CLASSES, NUM_IMAGES, DIM = 12, 48, 128
+# No data-loader worker processes (each would import torch again), except where a killed rank
+# leaves one behind (test_killed_worker_is_restarted_and_the_run_finishes).
 COMMON = [
     "--device=cpu", "--network=mbf", f"--num_classes={NUM_CLASSES}", f"--num_image={NUM_IMAGES}", "--batch_size=4", "--frequent=1",
-    "--num_workers=1", f"--embedding_size={DIM}", "--lr=0.05", "--warmup_epoch=0", "--precision=fp32",
+    "--num_workers=0", f"--embedding_size={DIM}", "--lr=0.05", "--warmup_epoch=0", "--precision=fp32",
     "--val_targets=[]", "--num_epoch=1",
 ]
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run"]
@@ -262,7 +264,9 @@ def _workers_of(agent_pid):
 
 def test_killed_worker_is_restarted_and_the_run_finishes(rec, tmp_path):
     out = tmp_path / "run"
-    args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1", *_args(rec, out, "--save_every_steps=2")]
+    # One loader worker per rank: the killed rank's worker is orphaned and must not hold the restart up.
+    args = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+            *_args(rec, out, "--save_every_steps=2", "--num_workers=1")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(list(map(str, args)), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []

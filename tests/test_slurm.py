@@ -51,7 +51,7 @@ echo "$*" >> "$SCONTROL_CALLS"
 
 TINY_RUN = [
     "configs/ms1mv3_r50", "--rec=synthetic", "--network=mbf", "--num_classes=16", "--embedding_size=64",
-    "--batch_size=4", "--device=cpu", "--precision=fp32", "--num_workers=1", "--frequent=1", "--val_targets=[]",
+    "--batch_size=4", "--device=cpu", "--precision=fp32", "--num_workers=0", "--frequent=1", "--val_targets=[]",
     "--save_every_steps=0", "--warmup_epoch=0",
 ]
 

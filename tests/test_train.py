@@ -19,8 +19,11 @@ from helpers import PYTHON, REPO_ROOT, run_script
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 COMMON = [
     "--device=cpu", "--network=mbf", "--num_classes=12", "--num_image=48", "--batch_size=4", "--frequent=1",
-    "--num_workers=1", "--embedding_size=128", "--lr=0.05",
+    "--num_workers=0", "--embedding_size=128", "--lr=0.05",
 ]
+# The torchrun runs below read their batches in a loader worker process, as real runs do (a
+# worker ignores SIGTERM and must not hold up the checkpoint); the single-process runs need none.
+WITH_WORKER = "--num_workers=1"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,7 @@ def _load_model(path, num_features=128):
 def test_torchrun_two_processes_train_checkpoint_resume_and_export(rec, tmp_path):
     out = tmp_path / "run"
     proc = _train(
-        TORCHRUN, rec, out, "--num_epoch=1", "--save_every_steps=4", "--save_all_states=True",
+        TORCHRUN, rec, out, WITH_WORKER, "--num_epoch=1", "--save_every_steps=4", "--save_all_states=True",
         "--val_targets=['lfw_style']", "--verbose=3",
     )
     log = (out / "training.log").read_text()
@@ -89,7 +92,7 @@ def test_torchrun_two_processes_train_checkpoint_resume_and_export(rec, tmp_path
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == sets
 
     # resume=True continues from step 6 into a second epoch
-    _train(TORCHRUN, rec, out, "--num_epoch=2", "--save_every_steps=4", "--resume=True", "--val_targets=[]")
+    _train(TORCHRUN, rec, out, WITH_WORKER, "--num_epoch=2", "--save_every_steps=4", "--resume=True", "--val_targets=[]")
     log = (out / "training.log").read_text()
     assert "resumed from" in log and "global step 6" in log
     assert "step 12/12 (100.0%)" in log
@@ -111,7 +114,7 @@ def _final_weights(path):
 
 def test_interrupted_and_resumed_run_ends_with_identical_weights(rec, tmp_path):
     """SIGTERM to torchrun mid-run -> every rank checkpoints and exits; resuming gives the same model."""
-    extra = ["--num_epoch=2", "--sample_rate=0.5", "--save_every_steps=0", "--val_targets=[]"]
+    extra = [WITH_WORKER, "--num_epoch=2", "--sample_rate=0.5", "--save_every_steps=0", "--val_targets=[]"]
     full = tmp_path / "full"
     _train(TORCHRUN, rec, full, *extra)
 
@@ -172,7 +175,7 @@ def test_missing_config_and_unwritable_output(rec, tmp_path):
 
 def test_checkpoint_from_another_network_is_refused_before_writing(rec, tmp_path):
     out = tmp_path / "run"
-    _train([PYTHON], rec, out, "--num_epoch=1", "--batch_size=8", "--val_targets=[]")
+    _train([PYTHON], rec, out, "--num_epoch=1", "--batch_size=8", "--max_steps=1", "--val_targets=[]")
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     proc = _train([PYTHON], rec, out, "--num_epoch=1", "--batch_size=8", "--resume=True", "--network=r18", check=False)
     assert proc.returncode == 2 and "was trained with network='mbf', the config has 'r18'" in proc.stderr
