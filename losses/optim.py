@@ -151,9 +151,19 @@ class _MaterialisedRows:
 
     def __init__(self, gradient: DeferredRowGradient, weight: torch.Tensor):
         self.gradient, self.weight = gradient, weight
+        self._weights: tuple[slice, torch.Tensor] | None = None
 
     def __getitem__(self, part: slice) -> torch.Tensor:
-        return self.gradient.rows(self.weight, part)
+        grad, weights = self.gradient.rows_and_weights(self.weight, part)
+        self._weights = (part, weights)
+        return grad
+
+    def take_weights(self, part: slice) -> torch.Tensor | None:
+        """The copy of the weight's rows `part` that materialising them gathered (once)."""
+        if self._weights is None or self._weights[0] != part:
+            return None
+        weights, self._weights = self._weights[1], None
+        return weights
 
 
 class _RowSparseMixin:
@@ -328,8 +338,10 @@ class _RowSparseMixin:
         (losses.row_chunks). With bfloat16 state on an accelerator, whose chunks are large
         (1 GB per temporary), pieces of the rounding table's size instead: memory is the
         point of that state, and the few more kernel launches cost little."""
-        pieces = row_slices(num_rows, p[0].numel() * p.element_size(), p.device)
-        if state_dtype_of(group) == torch.float32 or p.device.type == "cpu":
+        if state_dtype_of(group) == torch.float32:
+            return row_slices(num_rows, p[0].numel() * p.element_size(), p.device)
+        pieces = row_slices(num_rows, p[0].numel() * p.element_size(), p.device, lean=True)
+        if p.device.type == "cpu":
             return pieces
         most = max(1, ROUNDING_TABLE_SIZE // max(1, p[0].numel()))
         return [slice(i, min(i + most, s.stop)) for s in pieces for i in range(s.start, s.stop, most)]
@@ -362,6 +374,12 @@ class _RowSparseMixin:
         if self._row_grad_scale is not None:
             grad = grad / self._row_grad_scale
         return grad
+
+    @staticmethod
+    def _weight_rows(p: torch.Tensor, chunk: torch.Tensor, grad_rows, part: slice) -> torch.Tensor:
+        """A copy of the rows `chunk` of p (the one materialising a deferred gradient made)."""
+        weights = grad_rows.take_weights(part) if isinstance(grad_rows, _MaterialisedRows) else None
+        return p.index_select(0, chunk) if weights is None else weights
 
     @staticmethod
     def _write_rows(target: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, skip) -> None:
@@ -400,7 +418,7 @@ class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
         buf = self._state_rows(group, p, "momentum_buffer") if momentum != 0 else None
         for part in self._pieces(group, p, rows.numel()):
             chunk, grad = rows[part], self._grad_piece(grad_rows, part, p.dtype)
-            weights = p.index_select(0, chunk)
+            weights = self._weight_rows(p, chunk, grad_rows, part)
             # A never-updated row has buf = 0, so its first step is buf = g, as in torch.
             old = None if buf is None else buf.index_select(0, chunk).to(p.dtype)
             # torch's own SGD on the gathered rows, in the weight's dtype:
@@ -455,7 +473,7 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
             v = exp_avg_sq.index_select(0, chunk).to(grad.dtype).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             bias1 = (1 - beta1**step).unsqueeze(1)
             bias2 = (1 - beta2**step).unsqueeze(1)
-            w = p.index_select(0, chunk).mul_(1 - lr * wd)
+            w = self._weight_rows(p, chunk, grad_rows, part).mul_(1 - lr * wd)
             w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
             self._write_rows(state["row_step"], chunk, step, skip)
             self._write_rows(p, chunk, w, skip)

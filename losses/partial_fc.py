@@ -128,6 +128,8 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         # returned as a second, non-differentiable output.
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(logits)
+        # The softmax gets no gradient: no [N, k] zeros are made for it in the backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, cols, valid)
         return loss.mean(), logits
 
@@ -163,6 +165,8 @@ class _CosineLogits(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx, embeddings_n, weight, index, low_precision, sink):
+        if sink is not None:
+            return _CosineLogits._lean_forward(ctx, embeddings_n, weight, index, low_precision, sink)
         dtype = low_precision or weight.dtype
         k = weight.shape[0] if index is None else index.numel()
         centres_n = torch.empty((k, weight.shape[1]), dtype=dtype, device=weight.device)
@@ -181,13 +185,34 @@ class _CosineLogits(torch.autograd.Function):
         # less to read than the [k x D] ones (see backward).
         keep = low_precision is not None and emb.shape[0] < emb.shape[1]
         saved_cosines = cosines if keep else None
+        ctx.sink = None
+        ctx.save_for_backward(emb, centres_n, inv_norm, index, saved_cosines)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.embeddings_dtype = embeddings_n.dtype
+        return cosines if low_precision is None else cosines.float()
+
+    @staticmethod
+    def _lean_forward(ctx, embeddings_n, weight, index, low_precision, sink):
+        """The forward for a gradient taken as factors (see _deferred_backward): the same
+        cosines, bit for bit, computed piece by piece (lean pieces, losses.row_chunks), so that
+        no normalised copy of all sampled centres exists; the backward and the optimizer take
+        the rows from the weight again."""
+        dtype = low_precision or weight.dtype
+        k = index.numel()
+        emb = embeddings_n.to(dtype)
+        cosines = torch.empty((emb.shape[0], k), dtype=dtype, device=weight.device)
+        inv_norm = torch.empty((k, 1), dtype=weight.dtype, device=weight.device)
+        for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device, lean=True):
+            rows = weight.index_select(0, index[part])
+            torch.linalg.vector_norm(rows, dim=1, keepdim=True, out=inv_norm[part])
+            inv_norm[part].clamp_min_(_NORM_EPS).reciprocal_()
+            centres_n = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+            torch.mul(rows, inv_norm[part], out=centres_n)
+            del rows
+            cosines[:, part] = torch.mm(emb, centres_n.t())
+        keep = low_precision is not None and emb.shape[0] < emb.shape[1]
         ctx.sink = sink
-        if sink is None:
-            ctx.save_for_backward(emb, centres_n, inv_norm, index, saved_cosines)
-        else:
-            # The deferred backward needs no normalised copy: the embeddings' gradient is taken
-            # from the weight's rows piece by piece, and the optimizer recomputes them.
-            ctx.save_for_backward(emb, weight, inv_norm, index, saved_cosines)
+        ctx.save_for_backward(emb, weight, inv_norm, index, cosines if keep else None)
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.embeddings_dtype = embeddings_n.dtype
         return cosines if low_precision is None else cosines.float()
@@ -240,7 +265,11 @@ class _CosineLogits(torch.autograd.Function):
         """
         emb, weight, inv_norm, index, cosines = ctx.saved_tensors
         scaled = torch.empty(grad_logits.shape, dtype=emb.dtype, device=grad_logits.device)
-        torch.mul(grad_logits, inv_norm.view(1, -1), out=scaled)
+        inv_t = inv_norm.view(1, -1)
+        columns = row_slices(index.numel(), grad_logits.shape[0] * grad_logits.element_size(), grad_logits.device,
+                             lean=True)
+        for part in columns:  # (a cast into `out` goes through a temporary of the product's size)
+            torch.mul(grad_logits[:, part], inv_t[:, part], out=scaled[:, part])
         grad_emb = None
         if ctx.needs_input_grad[0]:
             grad_emb = embedding_gradient(scaled, weight, index, ctx.embeddings_dtype)
@@ -249,7 +278,7 @@ class _CosineLogits(torch.autograd.Function):
             if cosines is not None:
                 # <g_i, w_n,i> from the [batch x k] matrices, as the materialised backward does.
                 projections = torch.empty_like(inv_norm)
-                for part in row_slices(index.numel(), grad_logits.shape[0] * 4, grad_logits.device):
+                for part in columns:
                     dot = torch.mul(grad_logits[:, part], cosines[:, part]).sum(dim=0).unsqueeze(1)
                     torch.mul(dot.to(inv_norm.dtype), inv_norm[part], out=projections[part])
             ctx.sink.add(DeferredRowGradient(index, scaled, emb, inv_norm, projections))

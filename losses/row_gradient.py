@@ -89,16 +89,20 @@ class DeferredRowGradient:
         gradient: c from the weights and the forward's 1/|w| (the weights have not changed
         since), g = S^T e in the matmul dtype, the projection in float32.
         """
+        return self.rows_and_weights(weight, part)[0]
+
+    def rows_and_weights(self, weight: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows `part` of the gradient, a copy of those rows of `weight`): the optimizer
+        updates the copy it would otherwise gather again."""
         with torch.no_grad():
             return self._rows(weight, part)
 
-    def _rows(self, weight: torch.Tensor, part: slice) -> torch.Tensor:
+    def _rows(self, weight: torch.Tensor, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = self.embeddings.dtype
         w = weight.index_select(0, self.index[part])
         inv_norm = self.inv_norm[part]
         centres_n = torch.empty(w.shape, dtype=dtype, device=w.device)
         torch.mul(w, inv_norm, out=centres_n)
-        del w
         g = torch.mm(self.scaled[:, part].t(), self.embeddings)
         if g.dtype != weight.dtype:
             g = g.to(weight.dtype)
@@ -109,7 +113,7 @@ class DeferredRowGradient:
         g.addcmul_(centres_n, dot, value=-1.0)
         if self.factor is not None:
             g.mul_(self.factor)
-        return g
+        return g, w
 
 
 class RowGradientSink:
@@ -155,7 +159,7 @@ def embedding_gradient(scaled: torch.Tensor, weight: torch.Tensor, index: torch.
     n, k = scaled.shape
     dtype = scaled.dtype
     total = torch.zeros((n, weight.shape[1]), dtype=torch.float32, device=weight.device)
-    for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device):
+    for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device, lean=True):
         rows = weight.index_select(0, index[part])
         if dtype == torch.float32:
             total.addmm_(scaled[:, part], rows)
