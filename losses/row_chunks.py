@@ -16,7 +16,7 @@ ACCELERATOR_CHUNK_BYTES = 1024 * 1024 * 1024
 # Where memory is the point (the class centres' bfloat16 state, whose gradient is never a
 # [k x D] matrix: losses.row_gradient), pieces are smaller: a piece's few float32
 # temporaries are then small against the [batch x k] logits.
-LEAN_CPU_CHUNK_BYTES = 8 * 1024 * 1024
+LEAN_CPU_CHUNK_BYTES = 4 * 1024 * 1024
 LEAN_ACCELERATOR_CHUNK_BYTES = 64 * 1024 * 1024
 
 
