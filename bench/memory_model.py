@@ -30,7 +30,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from losses.optim import ROUNDING_TABLE_SIZE  # noqa: E402
-from losses.row_chunks import ACCELERATOR_CHUNK_BYTES, CPU_CHUNK_BYTES  # noqa: E402
+from losses.row_chunks import (  # noqa: E402
+    ACCELERATOR_CHUNK_BYTES, CPU_CHUNK_BYTES, LEAN_ACCELERATOR_CHUNK_BYTES, LEAN_CPU_CHUNK_BYTES,
+)
 
 GiB = 2**30
 STATE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -55,6 +57,17 @@ class Head:
     def sampled(self) -> int:
         """Rows used per step (PartialFC.num_sample; the batch's positives are assumed fewer)."""
         return self.num_local if self.sample_rate >= 1.0 else max(1, int(self.sample_rate * self.num_local))
+
+    @property
+    def deferred(self) -> bool:
+        """The sampled rows' gradient kept as factors until the optimizer step (losses.optim
+        asks for it for bfloat16 state)."""
+        return self.fc_state_dtype != "float32" and self.sample_rate < 1.0
+
+    @property
+    def lean_chunk_rows(self) -> int:
+        budget = LEAN_CPU_CHUNK_BYTES if self.device == "cpu" else LEAN_ACCELERATOR_CHUNK_BYTES
+        return max(1, budget // (self.embedding_size * 4))
 
     @property
     def chunk_rows(self) -> int:
@@ -95,6 +108,9 @@ def step_phases(h: Head) -> dict[str, int]:
     if h.sample_rate < 1.0:
         # PartialFC.sample: a random score per class, a mask, top-k values and indices, the index.
         phases["sample"] = embeddings + 5 * C + 20 * k
+    if h.deferred:
+        phases.update(_deferred_phases(h, embeddings))
+        return phases
     # Gathering and normalising piece by piece: one float32 piece beside the result.
     phases["normalise"] = embeddings + centres_n + 4 * piece
     # After the matmul: the cosines, and their float32 copy that the margin and softmax use.
@@ -113,16 +129,42 @@ def step_phases(h: Head) -> dict[str, int]:
     return phases
 
 
+def _deferred_phases(h: Head, embeddings: int) -> dict[str, int]:
+    """The phases when the sampled rows' gradient is kept as factors (losses.row_gradient:
+    bfloat16 state with sampling): no normalised copy of all sampled centres, no [k x D]
+    gradient; every piece is a lean one."""
+    k, D, d = h.sampled, h.embedding_size, h.matmul_bytes
+    N = min(h.global_batch, h.logit_rows or h.global_batch)
+    low = d < 4
+    piece = min(k, h.lean_chunk_rows) * D
+    kept_cosines = N * k * d if low and N < D else 0
+    cosines = N * k * d if low else 0  # the matmul's output before its float32 copy
+    return {
+        # Piece by piece: gathered float32 rows and their normalised copy, into the cosines.
+        "normalise": embeddings + N * k * d + piece * (4 + d),
+        "logits": embeddings + cosines + 4 * N * k,
+        # The softmax buffer and the new gradient of `logits.mul_(s)`.
+        "margin backward": embeddings + kept_cosines + 8 * N * k,
+        # The logits' float32 gradient and its column-scaled copy S (the factor); the
+        # embeddings' gradient from one piece of gathered rows (float32 and cast).
+        "centre gradient": embeddings + kept_cosines + N * k * (4 + d) + piece * (4 + d),
+        # S and the embeddings stay until the step; per piece: the gathered rows, their
+        # normalised copy, the materialised gradient (matmul output and float32), the
+        # widened state and its stored copy.
+        "optimizer": N * k * d + N * D * d + _optimizer_piece_bytes(h, piece) + piece * (4 + 2 * d),
+    }
+
+
 def _optimizer_piece_bytes(h: Head, piece: int) -> int:
     """Temporaries of one piece of the row update (losses.optim)."""
     if h.fc_state_dtype == "float32":
         if h.sample_rate >= 1.0 and h.optimizer == "sgd":
             return 0  # a dense gradient: torch's fused SGD, in place
         rows = piece
-    elif h.device == "cpu":
-        rows = piece
-    else:  # pieces of the rounding table's size on an accelerator
-        rows = min(piece, max(1, ROUNDING_TABLE_SIZE // h.embedding_size) * h.embedding_size)
+    else:  # lean pieces; on an accelerator at most the rounding table's size
+        rows = min(piece, h.lean_chunk_rows * h.embedding_size)
+        if h.device != "cpu":
+            rows = min(rows, max(1, ROUNDING_TABLE_SIZE // h.embedding_size) * h.embedding_size)
     state = STATE_BYTES[h.fc_state_dtype]
     if h.optimizer == "sgd":  # the weights' and the momentum's copies (widened to float32)
         per_element = 4 + 4 + (state if state != 4 else 0)

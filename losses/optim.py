@@ -24,6 +24,7 @@ import torch
 from torch.optim.sgd import sgd as functional_sgd
 
 from losses.row_chunks import row_slices
+from losses.row_gradient import DeferredRowGradient, RowGradientSink
 
 # fc_state_dtype values (the config key) and the tensor dtypes they mean.
 STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -145,6 +146,26 @@ def _unique_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad.indices()[0], grad.values()
 
 
+class _MaterialisedRows:
+    """`rows[part]`: the rows `part` of a deferred row gradient of `weight`, float32."""
+
+    def __init__(self, gradient: DeferredRowGradient, weight: torch.Tensor):
+        self.gradient, self.weight = gradient, weight
+        self._weights: tuple[slice, torch.Tensor] | None = None
+
+    def __getitem__(self, part: slice) -> torch.Tensor:
+        grad, weights = self.gradient.rows_and_weights(self.weight, part)
+        self._weights = (part, weights)
+        return grad
+
+    def take_weights(self, part: slice) -> torch.Tensor | None:
+        """The copy of the weight's rows `part` that materialising them gathered (once)."""
+        if self._weights is None or self._weights[0] != part:
+            return None
+        weights, self._weights = self._weights[1], None
+        return weights
+
+
 class _RowSparseMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -154,10 +175,51 @@ class _RowSparseMixin:
         self._step_supports_amp_scaling = all(group.get("fused") for group in self.param_groups)
         self._row_grad_scale = None
         self._rounding = _StochasticRounding()
+        # Weights whose sampled rows' gradient PartialFC hands over as factors (see
+        # losses.row_gradient): those of the groups with bfloat16 state, where memory is the
+        # point. A float32 state keeps the ordinary sparse gradient.
+        self._row_gradient_sinks: list[RowGradientSink] = []
         for group in self.param_groups:
             if state_dtype_of(group) != torch.float32:
                 group.setdefault("rounding_seed", 0)
                 group.setdefault("rounding_step", 0)
+                self._row_gradient_sinks += [RowGradientSink.attach(p, self) for p in group["params"]]
+
+    def _deferred_gradients(self) -> list[tuple[dict, torch.Tensor, DeferredRowGradient]]:
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                sink = RowGradientSink.of(p)
+                if sink is not None and sink.gradient is not None and sink in self._row_gradient_sinks:
+                    out.append((group, p, sink.gradient))
+        return out
+
+    def deferred_gradient_tensors(self) -> list[torch.Tensor]:
+        """The tensors of the row gradients held as factors (not in `p.grad`): a check of the
+        gradients' finiteness (training.guard) must include them."""
+        return [t for _, _, gradient in self._deferred_gradients() for t in gradient.tensors()]
+
+    def unscale_deferred_(self, scaler: torch.amp.GradScaler) -> None:
+        """What `scaler.unscale_(self)` does to `p.grad`, for the row gradients held as factors
+        (call it right after): they are multiplied by 1/scale when materialised, and a
+        non-finite factor counts as an overflow, so that the scaler skips the step *and*
+        lowers its scale. GradScaler has no public hook for gradients outside `p.grad`; this
+        uses its per-optimizer record, as its own unscale_ fills it."""
+        deferred = self._deferred_gradients()
+        if not deferred or not scaler.is_enabled():
+            return
+        record = scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+        inv_scale = scaler._scale.double().reciprocal().float()
+        for _, p, gradient in deferred:
+            gradient.scale_(inv_scale.to(p.device))
+            finite = torch.stack([torch.isfinite(t).all() for t in gradient.tensors()]).all()
+            bad = (~finite).to(torch.float32)
+            record[p.device] = bad if p.device not in record else record[p.device] + bad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for sink in self._row_gradient_sinks:
+            sink.gradient = None
 
     def _pop_row_grads(self) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
         """Gradients the row update applies: sparse ones, and every one of a group whose
@@ -192,6 +254,25 @@ class _RowSparseMixin:
                         state[key] = state[key].to(dtype)  # once, at resume: to nearest
 
     def step(self, closure=None):
+        deferred = self._deferred_gradients()
+        if not deferred:
+            return self._step(closure, [])
+        # A non-finite factor voids the whole step, as a non-finite gradient in `p.grad` does
+        # for the training loop's guard and GradScaler (which cannot see the factors).
+        finite = torch.stack([torch.isfinite(t).all() for _, _, g in deferred for t in g.tensors()]).all()
+        void = (~finite).to(torch.float32)
+        had_found_inf, caller_found_inf = "found_inf" in self.__dict__, self.__dict__.get("found_inf")
+        if caller_found_inf is not None:
+            void = void + caller_found_inf.reshape(()).to(void.device, torch.float32)
+        self.found_inf = void
+        try:
+            return self._step(closure, deferred)
+        finally:
+            self.__dict__.pop("found_inf", None)
+            if had_found_inf:
+                self.found_inf = caller_found_inf
+
+    def _step(self, closure, deferred):
         # `found_inf` (set by the training loop, or by GradScaler on fused optimizers): a
         # float tensor, non-zero when this step must not change anything. The fused
         # kernels and the row update skip on the device; other kernels need the host.
@@ -219,10 +300,13 @@ class _RowSparseMixin:
             self._row_grad_scale = getattr(self, "grad_scale", None)
             try:
                 self._rounding.new_step()
-                for group in {id(g): g for g, _, _ in hidden if "rounding_step" in g}.values():
+                updates = [*hidden, *self._combine_deferred(deferred, hidden)]
+                for group in {id(g): g for g, _, _ in updates if "rounding_step" in g}.values():
                     group["rounding_step"] += 1  # new random bits for this step's rounding
-                for group, p, grad in hidden:
-                    if grad.is_sparse:
+                for group, p, grad in updates:
+                    if isinstance(grad, DeferredRowGradient):
+                        rows, values = grad.index, _MaterialisedRows(grad, p)
+                    elif grad.is_sparse:
                         rows, values = _unique_rows(grad)
                     else:
                         rows, values = torch.arange(grad.shape[0], device=grad.device), grad
@@ -232,13 +316,32 @@ class _RowSparseMixin:
                 self._row_grad_scale = None
         return loss
 
+    @staticmethod
+    def _combine_deferred(deferred, hidden) -> list:
+        """The deferred gradients to apply; one of a weight that also has a gradient in
+        `p.grad` (a term that used the weight outside PartialFC's cosines) is materialised
+        into that one instead, which the row update then applies."""
+        with_grad = {id(p): i for i, (_, p, _) in enumerate(hidden)}
+        out = []
+        for group, p, gradient in deferred:
+            i = with_grad.get(id(p))
+            if i is None:
+                out.append((group, p, gradient))
+                continue
+            values = _MaterialisedRows(gradient, p)[0:gradient.index.numel()]
+            sparse = torch.sparse_coo_tensor(gradient.index.unsqueeze(0), values, p.shape)
+            hidden[i] = (group, p, (hidden[i][2] + sparse).coalesce())
+        return out
+
     def _pieces(self, group: dict, p: torch.Tensor, num_rows: int) -> list[slice]:
         """Pieces of the sampled rows, about one chunk of the weight's bytes each
         (losses.row_chunks). With bfloat16 state on an accelerator, whose chunks are large
         (1 GB per temporary), pieces of the rounding table's size instead: memory is the
         point of that state, and the few more kernel launches cost little."""
-        pieces = row_slices(num_rows, p[0].numel() * p.element_size(), p.device)
-        if state_dtype_of(group) == torch.float32 or p.device.type == "cpu":
+        if state_dtype_of(group) == torch.float32:
+            return row_slices(num_rows, p[0].numel() * p.element_size(), p.device)
+        pieces = row_slices(num_rows, p[0].numel() * p.element_size(), p.device, lean=True)
+        if p.device.type == "cpu":
             return pieces
         most = max(1, ROUNDING_TABLE_SIZE // max(1, p[0].numel()))
         return [slice(i, min(i + most, s.stop)) for s in pieces for i in range(s.start, s.stop, most)]
@@ -271,6 +374,12 @@ class _RowSparseMixin:
         if self._row_grad_scale is not None:
             grad = grad / self._row_grad_scale
         return grad
+
+    @staticmethod
+    def _weight_rows(p: torch.Tensor, chunk: torch.Tensor, grad_rows, part: slice) -> torch.Tensor:
+        """A copy of the rows `chunk` of p (the one materialising a deferred gradient made)."""
+        weights = grad_rows.take_weights(part) if isinstance(grad_rows, _MaterialisedRows) else None
+        return p.index_select(0, chunk) if weights is None else weights
 
     @staticmethod
     def _write_rows(target: torch.Tensor, rows: torch.Tensor, new: torch.Tensor, skip) -> None:
@@ -309,7 +418,7 @@ class SampledRowSGD(_RowSparseMixin, torch.optim.SGD):
         buf = self._state_rows(group, p, "momentum_buffer") if momentum != 0 else None
         for part in self._pieces(group, p, rows.numel()):
             chunk, grad = rows[part], self._grad_piece(grad_rows, part, p.dtype)
-            weights = p.index_select(0, chunk)
+            weights = self._weight_rows(p, chunk, grad_rows, part)
             # A never-updated row has buf = 0, so its first step is buf = g, as in torch.
             old = None if buf is None else buf.index_select(0, chunk).to(p.dtype)
             # torch's own SGD on the gathered rows, in the weight's dtype:
@@ -364,7 +473,7 @@ class SampledRowAdamW(_RowSparseMixin, torch.optim.AdamW):
             v = exp_avg_sq.index_select(0, chunk).to(grad.dtype).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             bias1 = (1 - beta1**step).unsqueeze(1)
             bias2 = (1 - beta2**step).unsqueeze(1)
-            w = p.index_select(0, chunk).mul_(1 - lr * wd)
+            w = self._weight_rows(p, chunk, grad_rows, part).mul_(1 - lr * wd)
             w.addcdiv_(m / bias1, (v / bias2).sqrt_().add_(eps), value=-lr)
             self._write_rows(state["row_step"], chunk, step, skip)
             self._write_rows(p, chunk, w, skip)

@@ -41,6 +41,7 @@ from torch import nn
 
 from losses.margin import GlobalBatch, Margin
 from losses.row_chunks import row_slices
+from losses.row_gradient import DeferredRowGradient, RowGradientSink, embedding_gradient
 from losses.subcenter import MAX_SUBCENTERS, class_cosines, subcenter_rows
 
 # F.normalize's eps: a centre of norm below it is divided by eps instead.
@@ -127,6 +128,8 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
         # returned as a second, non-differentiable output.
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(logits)
+        # The softmax gets no gradient: no [N, k] zeros are made for it in the backward.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(logits, cols, valid)
         return loss.mean(), logits
 
@@ -155,13 +158,15 @@ class _CosineLogits(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, embeddings_n, weight, index, low_precision):
+    def forward(ctx, embeddings_n, weight, index, low_precision, sink=None):
         # The matmul precision is chosen by `low_precision`, not by a caller's autocast.
         with torch.autocast(device_type=weight.device.type, enabled=False):
-            return _CosineLogits._forward(ctx, embeddings_n, weight, index, low_precision)
+            return _CosineLogits._forward(ctx, embeddings_n, weight, index, low_precision, sink)
 
     @staticmethod
-    def _forward(ctx, embeddings_n, weight, index, low_precision):
+    def _forward(ctx, embeddings_n, weight, index, low_precision, sink):
+        if sink is not None:
+            return _CosineLogits._lean_forward(ctx, embeddings_n, weight, index, low_precision, sink)
         dtype = low_precision or weight.dtype
         k = weight.shape[0] if index is None else index.numel()
         centres_n = torch.empty((k, weight.shape[1]), dtype=dtype, device=weight.device)
@@ -180,13 +185,42 @@ class _CosineLogits(torch.autograd.Function):
         # less to read than the [k x D] ones (see backward).
         keep = low_precision is not None and emb.shape[0] < emb.shape[1]
         saved_cosines = cosines if keep else None
+        ctx.sink = None
         ctx.save_for_backward(emb, centres_n, inv_norm, index, saved_cosines)
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.embeddings_dtype = embeddings_n.dtype
         return cosines if low_precision is None else cosines.float()
 
     @staticmethod
+    def _lean_forward(ctx, embeddings_n, weight, index, low_precision, sink):
+        """The forward for a gradient taken as factors (see _deferred_backward): the same
+        cosines, bit for bit, computed piece by piece (lean pieces, losses.row_chunks), so that
+        no normalised copy of all sampled centres exists; the backward and the optimizer take
+        the rows from the weight again."""
+        dtype = low_precision or weight.dtype
+        k = index.numel()
+        emb = embeddings_n.to(dtype)
+        cosines = torch.empty((emb.shape[0], k), dtype=dtype, device=weight.device)
+        inv_norm = torch.empty((k, 1), dtype=weight.dtype, device=weight.device)
+        for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device, lean=True):
+            rows = weight.index_select(0, index[part])
+            torch.linalg.vector_norm(rows, dim=1, keepdim=True, out=inv_norm[part])
+            inv_norm[part].clamp_min_(_NORM_EPS).reciprocal_()
+            centres_n = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+            torch.mul(rows, inv_norm[part], out=centres_n)
+            del rows
+            cosines[:, part] = torch.mm(emb, centres_n.t())
+        keep = low_precision is not None and emb.shape[0] < emb.shape[1]
+        ctx.sink = sink
+        ctx.save_for_backward(emb, weight, inv_norm, index, cosines if keep else None)
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.embeddings_dtype = embeddings_n.dtype
+        return cosines if low_precision is None else cosines.float()
+
+    @staticmethod
     def backward(ctx, grad_logits):
+        if ctx.sink is not None:
+            return _CosineLogits._deferred_backward(ctx, grad_logits)
         emb, centres_n, inv_norm, index, cosines = ctx.saved_tensors
         grad_emb = grad_weight = None
         if ctx.needs_input_grad[0]:
@@ -218,7 +252,37 @@ class _CosineLogits(torch.autograd.Function):
                 grad_weight = torch.sparse_coo_tensor(
                     index.unsqueeze(0), grad, ctx.weight_shape, is_coalesced=True, check_invariants=False
                 )
-        return grad_emb, grad_weight, None, None
+        return grad_emb, grad_weight, None, None, None
+
+    @staticmethod
+    def _deferred_backward(ctx, grad_logits):
+        """The backward for a weight whose optimizer takes the sampled rows' gradient as
+        factors (losses.row_gradient): no [k x D] buffer besides one piece of rows.
+
+        Same products as the materialised backward, with 1/|w| applied to the logits'
+        gradient before either matmul: the embeddings' gradient is S w (S = grad / |w|),
+        summed over pieces of rows in float32.
+        """
+        emb, weight, inv_norm, index, cosines = ctx.saved_tensors
+        scaled = torch.empty(grad_logits.shape, dtype=emb.dtype, device=grad_logits.device)
+        inv_t = inv_norm.view(1, -1)
+        columns = row_slices(index.numel(), grad_logits.shape[0] * grad_logits.element_size(), grad_logits.device,
+                             lean=True)
+        for part in columns:  # (a cast into `out` goes through a temporary of the product's size)
+            torch.mul(grad_logits[:, part], inv_t[:, part], out=scaled[:, part])
+        grad_emb = None
+        if ctx.needs_input_grad[0]:
+            grad_emb = embedding_gradient(scaled, weight, index, ctx.embeddings_dtype)
+        if ctx.needs_input_grad[1]:
+            projections = None
+            if cosines is not None:
+                # <g_i, w_n,i> from the [batch x k] matrices, as the materialised backward does.
+                projections = torch.empty_like(inv_norm)
+                for part in columns:
+                    dot = torch.mul(grad_logits[:, part], cosines[:, part]).sum(dim=0).unsqueeze(1)
+                    torch.mul(dot.to(inv_norm.dtype), inv_norm[part], out=projections[part])
+            ctx.sink.add(DeferredRowGradient(index, scaled, emb, inv_norm, projections))
+        return grad_emb, None, None, None, None
 
 
 class _ScaleGradient(torch.autograd.Function):
@@ -388,7 +452,10 @@ class PartialFC(nn.Module):
             index, local_targets = self.sample(local_targets)
             rows = subcenter_rows(index, self.num_subcenters)
 
-        cosines = _CosineLogits.apply(F.normalize(embeddings), self.weight, rows, self.matmul_dtype)
+        # An optimizer that materialises the sampled rows' gradient itself (losses.optim, with
+        # bfloat16 state) takes it as factors: the step then holds no [k x D] gradient.
+        sink = RowGradientSink.of(self.weight) if rows is not None else None
+        cosines = _CosineLogits.apply(F.normalize(embeddings), self.weight, rows, self.matmul_dtype, sink)
         cosines = class_cosines(cosines, self.num_subcenters)
         batch = self._global_batch(embeddings, cosines, local_targets)
         logits = self.margin_loss(cosines, local_targets, batch)

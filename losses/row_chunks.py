@@ -13,10 +13,19 @@ import torch
 
 CPU_CHUNK_BYTES = 32 * 1024 * 1024
 ACCELERATOR_CHUNK_BYTES = 1024 * 1024 * 1024
+# Where memory is the point (the class centres' bfloat16 state, whose gradient is never a
+# [k x D] matrix: losses.row_gradient), pieces are smaller: a piece's few float32
+# temporaries are then small against the [batch x k] logits.
+LEAN_CPU_CHUNK_BYTES = 4 * 1024 * 1024
+LEAN_ACCELERATOR_CHUNK_BYTES = 64 * 1024 * 1024
 
 
-def row_slices(num_rows: int, row_bytes: int, device: torch.device) -> list[slice]:
-    """Consecutive slices covering range(num_rows), each about one chunk's worth of bytes."""
-    budget = CPU_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
+def row_slices(num_rows: int, row_bytes: int, device: torch.device, lean: bool = False) -> list[slice]:
+    """Consecutive slices covering range(num_rows), each about one chunk's worth of bytes
+    (a lean chunk's with `lean`)."""
+    if lean:
+        budget = LEAN_CPU_CHUNK_BYTES if device.type == "cpu" else LEAN_ACCELERATOR_CHUNK_BYTES
+    else:
+        budget = CPU_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
     step = max(1, budget // max(1, row_bytes))
     return [slice(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]

@@ -301,6 +301,7 @@ def test_grad_scaler_unscales_the_rows_before_rounding():
 def test_the_step_allocates_nothing_of_the_shards_size(optimizer, monkeypatch):
     # Pieces of 64 rows: the update's temporaries are bounded by a piece, not by the sample.
     monkeypatch.setattr(losses.row_chunks, "CPU_CHUNK_BYTES", 64 * 64 * 4)
+    monkeypatch.setattr(losses.row_chunks, "LEAN_CPU_CHUNK_BYTES", 64 * 64 * 4)  # bfloat16 state: lean pieces
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(20_000, 64))
     opt = build_optimizer(optimizer, [], [p], lr=0.1, weight_decay=5e-4, fc_state_dtype="bfloat16")

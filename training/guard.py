@@ -66,7 +66,9 @@ class NonFiniteGuard:
         finite = self.loss_finite
         if grad_norm is not None:
             finite = finite & torch.isfinite(grad_norm)
-        finite = finite & all_finite(unchecked_grads)
+        # Gradients an optimizer holds outside `p.grad` (losses.optim: the head's sampled rows as factors).
+        held = getattr(optimizer, "deferred_gradient_tensors", list)()
+        finite = finite & all_finite([*unchecked_grads, *held])
         self._count(finite)
         optimizer.found_inf = (~finite).to(torch.float32)
         try:

@@ -162,6 +162,8 @@ class TrainStep:
         self._average_aux_gradients()
         if scaler is not None:
             scaler.unscale_(optimizer)  # clipping must see the true gradients
+            if hasattr(optimizer, "unscale_deferred_"):  # the head's row gradient held as factors
+                optimizer.unscale_deferred_(scaler)
         grad_norm = None
         if self.clip_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.clip_params, self.clip_grad_norm)
