@@ -235,29 +235,35 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
 
 
 def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, num_subcenters=1, device="cpu",
-               log=print) -> dict:
-    """The head (ours) once per margin loss, per (classes, rate): step time and peak memory."""
+               rounds=1, log=print) -> dict:
+    """The head (ours) once per margin loss, per (classes, rate): step time and peak memory.
+
+    With rounds > 1 the losses take turns that many times (every loss once, then again), so
+    that other load on the machine slows them alike; each loss's times are pooled."""
     import torch
 
     dev = resolve_device(device)
-    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), batch_size=batch)
+    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), batch_size=batch, fc_state_dtype="float32")
     cases = []
     for c in classes:
         for sr in sample_rates:
-            for loss in losses:
-                start = time.perf_counter()
-                if dev.type == "cuda":
-                    r = run_case("ours", c, sr, batch=batch, steps=steps, warmup=warmup, device_name=str(dev),
-                                 loss=loss, num_subcenters=num_subcenters)
-                    torch.cuda.empty_cache()
-                else:
-                    r = _case_in_subprocess("ours", c, sr, args, loss, num_subcenters)
-                r.setdefault("loss", loss)
-                log(f"{loss:<16} " + _case_line(r, time.perf_counter() - start).strip())
-                cases.append(r)
+            measured: dict[str, list[dict]] = {loss: [] for loss in losses}
+            for _ in range(max(1, rounds)):
+                for loss in losses:
+                    start = time.perf_counter()
+                    if dev.type == "cuda":
+                        r = run_case("ours", c, sr, batch=batch, steps=steps, warmup=warmup, device_name=str(dev),
+                                     loss=loss, num_subcenters=num_subcenters)
+                        torch.cuda.empty_cache()
+                    else:
+                        r = _case_in_subprocess("ours", c, sr, args, loss, num_subcenters)
+                    r.setdefault("loss", loss)
+                    log(f"{loss:<16} " + _case_line(r, time.perf_counter() - start).strip())
+                    measured[loss].append(r)
+            cases.extend(_pool(measured[loss]) for loss in losses)
     return {"cases": cases, "losses": list(losses), "classes": list(classes), "sample_rates": list(sample_rates),
             "batch": batch, "num_subcenters": num_subcenters, "embedding_size": EMBEDDING, "steps": steps,
-            "warmup": warmup}
+            "warmup": warmup, "rounds": rounds}
 
 
 def format_loss_table(result: dict) -> str:
@@ -388,7 +394,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[128])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1, help="alternate ours and the reference this many times")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate ours and the reference (with --loss: the losses) this many times")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="small class counts, few steps (smoke test)")
     parser.add_argument("--loss", nargs="+", help="time the head per margin loss (ours only), e.g. combined adaface")
@@ -416,7 +423,8 @@ def main() -> None:
             parser.error(f"unknown loss {unknown[0]!r}; valid: {', '.join(available_losses())}")
         losses = list(dict.fromkeys(["combined", *args.loss]))  # combined first: the baseline
         result = run_losses(losses, args.classes, args.sample_rates, batch=args.batch_size[0], steps=args.steps,
-                            warmup=args.warmup, num_subcenters=args.num_subcenters, device=args.device)
+                            warmup=args.warmup, num_subcenters=args.num_subcenters, device=args.device,
+                            rounds=args.rounds)
         print(format_loss_table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
