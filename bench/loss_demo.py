@@ -10,8 +10,8 @@ each loss's paper defaults for the rest. The accuracy is the demo's own final lo
     python bench/loss_demo.py --steps 150          # every case at half the demo's budget
     python bench/loss_demo.py --quick              # smoke test: 2 steps per case
 
-Results: docs/bench_results/loss_demo.json (kept in the repository, with the machine) and a
-markdown table on stdout, which README.md and docs/losses.md quote.
+Results: docs/bench_results/extra/loss_demo.json (kept in the repository, with the machine) and a
+markdown table on stdout; docs/benchmarks.md renders it, README.md quotes it.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from bench.common import ROOT, machine_info  # noqa: E402
 
 DEMO = "configs/demo.py"
-RESULTS = ROOT / "docs" / "bench_results" / "loss_demo.json"
+RESULTS = ROOT / "docs" / "bench_results" / "extra" / "loss_demo.json"
 FINAL_LINE = re.compile(
     r"verification accuracy before training ([0-9.]+)%, after (\d+) steps ([0-9.]+)% \(best ([0-9.]+)%\)"
 )

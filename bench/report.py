@@ -343,6 +343,68 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
     return lines
 
 
+# Measurements that are not part of one device's suite, each in its own file under
+# <results>/extra/ (written by the tool named in its section; rendered when present).
+EXTRA_DIR = "extra"
+
+
+def _extra_loss_demo(result: dict) -> list[str]:
+    from bench.loss_demo import markdown
+
+    return ["### The demo trained with each margin loss", "",
+            "`python bench/loss_demo.py` (the synthetic-faces demo, held-out verification accuracy before and "
+            f"after training; measured {result.get('date', '?')}, accuracy figures, so the machine's load does "
+            "not change them):", "", markdown(result["results"]), ""]
+
+
+def _extra_partial_fc_losses(result: dict) -> list[str]:
+    from bench.bench_partial_fc import format_loss_table
+
+    when = result.get("machine", {}).get("date", "?")
+    return ["### The PartialFC head's step time per margin loss", "",
+            f"`python bench/bench_partial_fc.py --loss ... --rounds {result.get('rounds', 1)}` (ours only, batch "
+            f"{result['batch']}, D={result['embedding_size']}, the losses taking turns; measured {when}, "
+            f"{result.get('note', '')}):", "", format_loss_table(result), ""]
+
+
+def _extra_distill_measure(result: dict) -> list[str]:
+    from bench.distill_demo import format_measure
+
+    teacher = result["models"]["teacher"]["network"]
+    return [f"### Distillation on the synthetic faces (teacher {teacher})", "",
+            "`python bench/distill_demo.py measure` (accuracy figures; docs/distillation.md explains them):", "",
+            format_measure(result), ""]
+
+
+def _extra_distill_cost(result: dict) -> list[str]:
+    return ["### What the teacher costs per step", "",
+            f"`python bench/distill_demo.py cost` on {result['device']} ({result['precision']}), batch "
+            f"{result['batch_size']}, the two steps interleaved (fastest step of each):", "",
+            "| student | teacher | samples/s alone | samples/s with the teacher | step time |",
+            "| --- | --- | ---: | ---: | ---: |",
+            f"| {result['student']} | {result['teacher']} | {result['without_teacher']['samples_per_s']:.1f} | "
+            f"{result['with_teacher']['samples_per_s']:.1f} | {result['slowdown']:.2f}x |", "",
+            *([f"*{result['note']}*", ""] if result.get("note") else [])]
+
+
+EXTRAS = {
+    "loss_demo": _extra_loss_demo,
+    "partial_fc_losses": _extra_partial_fc_losses,
+    "distill_demo": _extra_distill_measure,
+    "distill_cost": _extra_distill_cost,
+}
+
+
+def render_extras(folder: Path) -> list[str]:
+    """One subsection per result file in `folder` whose name starts with a key of EXTRAS."""
+    files = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    lines: list[str] = []
+    for key, render_one in EXTRAS.items():
+        for path in (p for p in files if p.stem.startswith(key)):
+            lines += render_one(json.loads(path.read_text()))
+    return (["## Other measurements", ""] + lines) if lines else []
+
+
 def render(results_dir: Path, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     files = {p.stem: p for p in sorted(Path(results_dir).glob("*.json"))}
@@ -365,6 +427,7 @@ def render(results_dir: Path, target: Path) -> Path:
         lines.append("No results yet: run `python bench/run_all.py`.")
     for kind in order:
         lines += render_device(kind, json.loads(files[kind].read_text()), target)
+    lines += render_extras(Path(results_dir) / EXTRA_DIR)
     from utils.atomic_file import atomic_write
 
     md = target / "benchmarks.md"
