@@ -4,16 +4,18 @@ from bench import bench_partial_fc
 
 def test_per_loss_mode_measures_every_loss_in_every_round_and_renders_ratios_to_combined():
     lines = []
-    result = bench_partial_fc.run_losses(
-        ["combined", "adaface"], [2_000], [0.5], batch=16, steps=1, warmup=1, rounds=2, log=lines.append,
-    )
-    assert len(lines) == 4  # 2 rounds x 2 losses, each measured in its own process
-    assert [r["loss"] for r in result["cases"]] == ["combined", "adaface"]
-    for case in result["cases"]:
-        assert case["rounds"] == 2 and len(case["times_s"]) == 2 and case["min_s"] > 0
-        assert case["impl"] == "ours" and case["num_classes"] == 2_000
-    table = bench_partial_fc.format_loss_table(result).splitlines()
-    assert len(table) == 4 and "| combined |" in table[2] and "1.00x" in table[2] and "| adaface |" in table[3]
+    # One loss, two rounds: each measurement is a fresh process (peak memory), so this stays small.
+    result = bench_partial_fc.run_losses(["combined"], [2_000], [0.5], batch=16, steps=1, warmup=1, rounds=2,
+                                         log=lines.append)
+    assert len(lines) == 2  # 2 rounds x 1 loss, each measured in its own process
+    (case,) = result["cases"]
+    assert case["loss"] == "combined" and case["impl"] == "ours" and case["num_classes"] == 2_000
+    assert case["rounds"] == 2 and len(case["times_s"]) == 2 and case["min_s"] == min(case["times_s"]) > 0
+    adaface = dict(case, loss="adaface", min_s=2 * case["min_s"])  # the table's ratio is to combined's time
+    table = bench_partial_fc.format_loss_table({**result, "losses": ["combined", "adaface"],
+                                                "cases": [case, adaface]}).splitlines()
+    assert len(table) == 4 and "| combined |" in table[2] and "1.00x" in table[2]
+    assert "| adaface |" in table[3] and "2.00x" in table[3]
 
 
 def test_the_benchmark_page_renders_the_other_measurements_and_ignores_them_as_devices(tmp_path):
