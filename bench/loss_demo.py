@@ -78,8 +78,8 @@ def run_case(name: str, out_root: Path, threads: int, steps: int | None) -> dict
 def markdown(results: list[dict]) -> str:
     lines = ["| loss | train.py arguments | before | after (steps) |", "| --- | --- | ---: | ---: |"]
     for r in results:
-        args = " ".join(r["args"]) or "(the demo as shipped: CosFace via `margin_list`)"
-        lines.append(f"| {r['name']} | `{args}` | {r['before']:.2f}% | {r['after']:.2f}% ({r['steps']}) |")
+        args = f"`{' '.join(r['args'])}`" if r["args"] else "the demo as shipped (CosFace via `margin_list`)"
+        lines.append(f"| {r['name']} | {args} | {r['before']:.2f}% | {r['after']:.2f}% ({r['steps']}) |")
     return "\n".join(lines)
 
 
