@@ -235,7 +235,7 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
 
 
 def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, num_subcenters=1, device="cpu",
-               rounds=1, log=print) -> dict:
+               rounds=1, fc_state_dtype="float32", log=print) -> dict:
     """The head (ours) once per margin loss, per (classes, rate): step time and peak memory.
 
     With rounds > 1 the losses take turns that many times (every loss once, then again), so
@@ -243,7 +243,7 @@ def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, n
     import torch
 
     dev = resolve_device(device)
-    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), batch_size=batch, fc_state_dtype="float32")
+    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), batch_size=batch, fc_state_dtype=fc_state_dtype)
     cases = []
     for c in classes:
         for sr in sample_rates:
@@ -253,7 +253,7 @@ def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, n
                     start = time.perf_counter()
                     if dev.type == "cuda":
                         r = run_case("ours", c, sr, batch=batch, steps=steps, warmup=warmup, device_name=str(dev),
-                                     loss=loss, num_subcenters=num_subcenters)
+                                     loss=loss, num_subcenters=num_subcenters, fc_state_dtype=fc_state_dtype)
                         torch.cuda.empty_cache()
                     else:
                         r = _case_in_subprocess("ours", c, sr, args, loss, num_subcenters)
@@ -263,7 +263,7 @@ def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, n
             cases.extend(_pool(measured[loss]) for loss in losses)
     return {"cases": cases, "losses": list(losses), "classes": list(classes), "sample_rates": list(sample_rates),
             "batch": batch, "num_subcenters": num_subcenters, "embedding_size": EMBEDDING, "steps": steps,
-            "warmup": warmup, "rounds": rounds}
+            "warmup": warmup, "rounds": rounds, "fc_state_dtype": fc_state_dtype}
 
 
 def format_loss_table(result: dict) -> str:
@@ -424,7 +424,7 @@ def main() -> None:
         losses = list(dict.fromkeys(["combined", *args.loss]))  # combined first: the baseline
         result = run_losses(losses, args.classes, args.sample_rates, batch=args.batch_size[0], steps=args.steps,
                             warmup=args.warmup, num_subcenters=args.num_subcenters, device=args.device,
-                            rounds=args.rounds)
+                            rounds=args.rounds, fc_state_dtype=args.fc_state_dtype)
         print(format_loss_table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))

@@ -360,11 +360,15 @@ def _extra_loss_demo(result: dict) -> list[str]:
 def _extra_partial_fc_losses(result: dict) -> list[str]:
     from bench.bench_partial_fc import format_loss_table
 
-    when = result.get("machine", {}).get("date", "?")
+    about = [f"ours only, batch {result['batch']}, D={result['embedding_size']}",
+             f"class-centre state {result.get('fc_state_dtype', 'float32')}", "the losses taking turns"]
+    if result.get("machine", {}).get("date"):
+        about.append(f"measured {result['machine']['date']}")
+    if result.get("note"):
+        about.append(result["note"])
     return ["### The PartialFC head's step time per margin loss", "",
-            f"`python bench/bench_partial_fc.py --loss ... --rounds {result.get('rounds', 1)}` (ours only, batch "
-            f"{result['batch']}, D={result['embedding_size']}, the losses taking turns; measured {when}, "
-            f"{result.get('note', '')}):", "", format_loss_table(result), ""]
+            f"`python bench/bench_partial_fc.py --loss ... --rounds {result.get('rounds', 1)}` "
+            f"({'; '.join(about)}):", "", format_loss_table(result), ""]
 
 
 def _extra_distill_measure(result: dict) -> list[str]:

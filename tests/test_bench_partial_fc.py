@@ -6,10 +6,11 @@ def test_per_loss_mode_measures_every_loss_in_every_round_and_renders_ratios_to_
     lines = []
     # One loss, two rounds: each measurement is a fresh process (peak memory), so this stays small.
     result = bench_partial_fc.run_losses(["combined"], [2_000], [0.5], batch=16, steps=1, warmup=1, rounds=2,
-                                         log=lines.append)
+                                         fc_state_dtype="bfloat16", log=lines.append)
     assert len(lines) == 2  # 2 rounds x 1 loss, each measured in its own process
     (case,) = result["cases"]
     assert case["loss"] == "combined" and case["impl"] == "ours" and case["num_classes"] == 2_000
+    assert case["fc_state_dtype"] == "bfloat16"  # the measuring process was given the option
     assert case["rounds"] == 2 and len(case["times_s"]) == 2 and case["min_s"] == min(case["times_s"]) > 0
     adaface = dict(case, loss="adaface", min_s=2 * case["min_s"])  # the table's ratio is to combined's time
     table = bench_partial_fc.format_loss_table({**result, "losses": ["combined", "adaface"],
