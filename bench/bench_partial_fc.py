@@ -269,7 +269,7 @@ def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, n
 def format_loss_table(result: dict) -> str:
     """One row per (classes, rate, loss), with the step time relative to `combined`."""
     lines = [
-        f"| classes | sample rate | loss | sub-centres | ms/step | vs combined | peak GiB |",
+        "| classes | sample rate | loss | sub-centres | ms/step | vs combined | peak GiB |",
         "| ---: | ---: | :--- | ---: | ---: | ---: | ---: |",
     ]
     by_key = {(r["num_classes"], r["sample_rate"], r["loss"]): r for r in result["cases"]}
