@@ -152,3 +152,46 @@ def test_low_precision_matmul_stays_close_to_fp32():
         a, b = full(emb, labels), half(emb, labels)
     assert b.dtype == torch.float32
     assert abs(a.item() - b.item()) / a.item() < 2e-2
+
+
+def _run_pfc_deferred(ctx, local_batch, num_classes, sample_rate, seed):
+    """_run_pfc in float32 with fc_state_dtype="bfloat16": the sampled rows' gradient is held by
+    the optimizer as factors (losses.row_gradient); it is materialised here to be compared."""
+    from losses.optim import _MaterialisedRows, build_optimizer
+    from losses.row_gradient import RowGradientSink
+
+    torch.manual_seed(100 + ctx.rank)  # ranks sample negatives independently
+    x, labels, centres, backbone = _problem(ctx.world_size, local_batch, num_classes, seed)
+    x, backbone = x.float(), backbone.float()
+    start, num_local = shard_range(num_classes, ctx.rank, ctx.world_size)
+    pfc = PartialFC(_margin(), EMB, num_classes, sample_rate=sample_rate)
+    with torch.no_grad():
+        pfc.weight.data = centres[start : start + num_local].float().clone()
+    optimizer = build_optimizer("sgd", [], pfc.parameters(), lr=0.1, weight_decay=0.0, fc_state_dtype="bfloat16")
+    model = DDP(backbone) if ctx.world_size > 1 else backbone
+    sl = slice(ctx.rank * local_batch, (ctx.rank + 1) * local_batch)
+    loss = pfc(model(x[sl]), labels[sl])
+    loss.backward()
+    assert pfc.weight.grad is None  # deferred: no [k x D] gradient was built
+    gradient = RowGradientSink.of(pfc.weight).gradient
+    rows = gradient.index
+    values = _MaterialisedRows(gradient, pfc.weight)[0 : rows.numel()]
+    del optimizer
+    return {
+        "loss": loss.detach().double(), "start": start, "rows": rows, "values": values.double(),
+        "backbone": {k.removeprefix("module."): p.grad.double() for k, p in model.named_parameters()},
+    }
+
+
+def test_two_processes_with_bfloat16_state_hold_the_global_batch_gradient_as_factors():
+    local_batch, num_classes, seed, rate = 3, 21, 7, 0.5
+    results = run_distributed(_run_pfc_deferred, 2, local_batch, num_classes, rate, seed)
+    x, labels, centres, backbone = _problem(2, local_batch, num_classes, seed)
+    classes = torch.cat([r["rows"] + r["start"] for r in results]).sort().values
+    assert set(labels.tolist()) <= set(classes.tolist()) and len(classes) < num_classes
+    ref_loss, ref_w_grad, ref_bb = _reference(x, labels, centres, backbone, classes)
+    for r in results:
+        torch.testing.assert_close(r["loss"], ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r["values"], ref_w_grad[r["rows"] + r["start"]], rtol=1e-4, atol=1e-5)
+        for name, g in r["backbone"].items():
+            torch.testing.assert_close(g, ref_bb[name], rtol=1e-4, atol=1e-5)
