@@ -8,6 +8,7 @@ uninterrupted `reference` run.
 """
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -64,9 +65,14 @@ def _assert_same_weights(output, reference):
     assert worst <= 1e-6, f"final weights differ from the uninterrupted run's by {worst}"
 
 
+# A worker's `error (rank R): message` line. The workers share one stderr, so another process's
+# log line can follow a message on the same line before its newline: a timestamp ends it too.
+_ERROR_LINE = re.compile(r"error \(rank \d+\): (.+?)(?=\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\n|$)")
+
+
 def _error_lines(text):
-    """The `error (rank R): ...` lines of the workers, without the rank prefix."""
-    return sorted({line.split(": ", 1)[1].strip() for line in text.splitlines() if line.startswith("error (rank ")})
+    """The `error (rank R): ...` messages of the workers, without the rank prefix."""
+    return sorted({m.strip() for m in _ERROR_LINE.findall(text)})
 
 
 @pytest.fixture(scope="module")
