@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .activation import PReLU
 from .checkpointing import checkpointed
 from .precision import float32_region, trunk_autocast
 from .registry import register_model
@@ -32,7 +33,7 @@ class IBasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(in_channels, eps=1e-5)
         self.conv1 = _conv3x3(in_channels, channels)
         self.bn2 = nn.BatchNorm2d(channels, eps=1e-5)
-        self.prelu = nn.PReLU(channels)
+        self.prelu = PReLU(channels)
         self.conv2 = _conv3x3(channels, channels, stride)
         self.bn3 = nn.BatchNorm2d(channels, eps=1e-5)
         self.downsample = downsample
@@ -77,7 +78,7 @@ class IResNet(nn.Module):
 
         self.conv1 = _conv3x3(3, _STAGE_WIDTHS[0])
         self.bn1 = nn.BatchNorm2d(_STAGE_WIDTHS[0], eps=1e-5)
-        self.prelu = nn.PReLU(_STAGE_WIDTHS[0])
+        self.prelu = PReLU(_STAGE_WIDTHS[0])
         in_channels = _STAGE_WIDTHS[0]
         for index, (channels, num_blocks) in enumerate(zip(_STAGE_WIDTHS, blocks_per_stage), start=1):
             self.add_module(f"layer{index}", _make_stage(in_channels, channels, num_blocks))

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .activation import PReLU
 from .precision import float32_region, trunk_autocast
 from .registry import register_model
 
@@ -28,7 +29,7 @@ class ConvBlock(nn.Module):
         self.layers = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
-            nn.PReLU(out_channels),
+            PReLU(out_channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,107 @@
+"""backbones.activation.PReLU: nn.PReLU's values and gradients from the faster CPU backward."""
+import io
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from backbones.activation import PReLU, _PReLUFunction
+
+
+def _pair(channels, init=0.25):
+    ours, stock = PReLU(channels, init=init), nn.PReLU(channels, init=init)
+    with torch.no_grad():  # slopes of both signs and sizes, as trained networks have them
+        values = torch.linspace(-0.7, 1.3, channels)
+        ours.weight.copy_(values)
+        stock.weight.copy_(values)
+    return ours, stock
+
+
+def _grads(module, x, grad_output):
+    x = x.detach().clone().requires_grad_(True)
+    y = module(x)
+    y.backward(grad_output)
+    return y, x.grad, module.weight.grad
+
+
+@pytest.mark.parametrize("shape,memory_format", [
+    ((4, 6, 5, 7), torch.channels_last), ((4, 6, 5, 7), torch.contiguous_format), ((9, 6), None), ((3, 6, 11), None),
+])
+def test_gradients_pass_gradcheck_in_float64(shape, memory_format):
+    x = torch.randn(*shape, dtype=torch.float64)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    x.requires_grad_(True)
+    weight = torch.linspace(-0.5, 0.9, shape[1], dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(_PReLUFunction.apply, (x, weight))
+
+
+def test_one_shared_slope_gets_the_whole_sum():
+    ours, stock = _pair(1)
+    x = torch.randn(3, 4, 5, 5)
+    g = torch.randn(3, 4, 5, 5)
+    y_ours, gx_ours, gw_ours = _grads(ours, x, g)
+    y_stock, gx_stock, gw_stock = _grads(stock, x, g)
+    torch.testing.assert_close(y_ours, y_stock)
+    torch.testing.assert_close(gx_ours, gx_stock)
+    torch.testing.assert_close(gw_ours, gw_stock)
+
+
+def test_float32_channels_last_equals_nn_prelu():
+    ours, stock = _pair(16)
+    x = torch.randn(8, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(8, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+    y_ours, gx_ours, gw_ours = _grads(ours, x, g)
+    y_stock, gx_stock, gw_stock = _grads(stock, x, g)
+    assert "PReLUFunctionBackward" in y_ours.grad_fn.name()  # the CPU path was taken
+    assert torch.equal(y_ours, y_stock)
+    torch.testing.assert_close(gx_ours, gx_stock, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gw_ours, gw_stock, rtol=1e-5, atol=1e-4)
+    assert gx_ours.dtype == torch.float32 and gw_ours.dtype == torch.float32
+
+
+def test_under_bfloat16_autocast_it_keeps_autocasts_dtypes_and_nn_prelus_gradient():
+    ours, stock = _pair(16)
+    x = torch.randn(8, 16, 14, 14).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(8, 16, 14, 14, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_ours, gx_ours, gw_ours = _grads(ours, x, g)
+        y_stock, gx_stock, gw_stock = _grads(stock, x, g)
+    assert y_ours.dtype == y_stock.dtype == torch.bfloat16
+    assert torch.equal(y_ours, y_stock)
+    assert gx_ours.dtype == torch.float32 and gw_ours.dtype == torch.float32  # the input's and the parameter's
+    torch.testing.assert_close(gx_ours, gx_stock, rtol=1e-2, atol=1e-2)
+    # Summed in float32 here, in bfloat16 by ATen: ours is the closer one to the exact sum.
+    x_low = x.bfloat16().float()
+    exact = ((g.float() * x_low) * (x_low <= 0)).sum((0, 2, 3))
+    assert (gw_ours - exact).abs().max() <= (gw_stock - exact).abs().max() + 1e-3
+    torch.testing.assert_close(gw_ours, exact, rtol=2e-2, atol=2e-2)
+
+
+def test_only_the_input_or_only_the_slope_may_need_a_gradient():
+    ours, stock = _pair(6)
+    x = torch.randn(2, 6, 3, 3)
+    ours.weight.requires_grad_(False)
+    stock.weight.requires_grad_(False)
+    _, gx_ours, _ = _grads(ours, x, torch.ones(2, 6, 3, 3))
+    _, gx_stock, _ = _grads(stock, x, torch.ones(2, 6, 3, 3))
+    torch.testing.assert_close(gx_ours, gx_stock)
+    ours.weight.requires_grad_(True)
+    ours(x).sum().backward()  # x needs no gradient
+    expected = (x * (x <= 0)).sum((0, 2, 3))
+    torch.testing.assert_close(ours.weight.grad, expected)
+
+
+def test_onnx_export_still_writes_a_prelu_node():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), PReLU(4)).eval()
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), buffer, dynamo=False)
+    ops = [node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node]
+    assert "PRelu" in ops and not any("Python" in op for op in ops)
+
+
+def test_the_state_dict_is_nn_prelus():
+    ours, stock = _pair(5)
+    assert list(ours.state_dict()) == list(stock.state_dict()) == ["weight"]
+    stock.load_state_dict(ours.state_dict())
