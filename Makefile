@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test soak demo bench clean
+.PHONY: setup test soak demo bench bench-avx2 clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: setup
 
 bench: setup
 	$(PY) bench/run_all.py
+
+# The same suite with torch's and oneDNN's kernels held to AVX2 (on an AVX512/AMX machine):
+# the code paths of an AVX2-only CPU, written to docs/bench_results/cpu_avx2.json.
+bench-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) bench/run_all.py
 
 clean:
 	rm -rf work_dirs .pytest_cache

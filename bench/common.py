@@ -175,6 +175,27 @@ def cpu_matrix_units() -> str:
     return " ".join(found) if found else "none of amx/avx512"
 
 
+# The variables that hold torch's and oneDNN's kernels to a smaller instruction set. Set on
+# an AVX512/AMX machine, they give the code paths an AVX2-only CPU takes (`make bench-avx2`):
+# vectorised kernels, oneDNN's convolutions and matmuls, and precision=auto's choice (fp32).
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+
+
+def isa_limits() -> dict[str, str]:
+    return {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
+
+
+def cpu_kind() -> str:
+    """The kind of CPU as far as training speed goes, the name of its results file:
+    cpu_avx512_bf16 (bf16 units: the default path is bf16 autocast), cpu_avx512 or cpu_avx2
+    (fp32), after any limit in ISA_LIMITS."""
+    from utils.amp import bf16_is_fast
+
+    if bf16_is_fast(torch.device("cpu")):
+        return "cpu_avx512_bf16"
+    return "cpu_" + torch.backends.cpu.get_cpu_capability().lower()
+
+
 def machine_info(device: torch.device) -> dict:
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -183,6 +204,8 @@ def machine_info(device: torch.device) -> dict:
         "cpu_cores": os.cpu_count(),
         "cpu_matrix_units": cpu_matrix_units(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_kind": cpu_kind(),
+        "isa_limits": isa_limits(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -16,7 +16,28 @@ if __package__ in (None, ""):  # run as a script
 from bench import bench_data, bench_inference, bench_partial_fc, bench_train  # noqa: E402
 from bench.common import ROOT  # noqa: E402
 
-DEVICE_TITLES = {"cpu": "CPU", "cuda": "CUDA GPU"}
+DEVICE_TITLES = {
+    "cpu": "CPU",  # a results file from before the CPUs' kinds had files of their own
+    "cpu_avx512_bf16": "CPU with bf16 units (AVX512-BF16 / AMX): the default path is bf16 autocast",
+    "cpu_avx512": "CPU with AVX512, no bf16 units: the default path is fp32",
+    "cpu_avx2": "CPU with AVX2 only: the default path is fp32",
+    "cuda": "CUDA GPU",
+}
+# Sections in this order; any other results file after them.
+DEVICE_ORDER = ("cpu_avx512_bf16", "cpu_avx512", "cpu_avx2", "cpu", "cuda")
+
+
+def is_cpu_kind(kind: str) -> bool:
+    return kind == "cpu" or kind.startswith("cpu_")
+
+
+def device_title(kind: str, info: dict) -> str:
+    title = DEVICE_TITLES.get(kind, kind)
+    limits = info.get("isa_limits")
+    if limits:  # the kernels of a larger CPU held to a smaller instruction set (make bench-avx2)
+        caps = ", ".join(f"{k}={v}" for k, v in sorted(limits.items()))
+        title += f" (emulated: {caps} on {info.get('cpu', 'a larger CPU')} with {info.get('cpu_matrix_units')})"
+    return title
 GOAL_TRAIN_SPEEDUP = 3.0
 GOAL_TRAIN_LOSS_DIFF = 0.02  # "loss curves matching": every step within 2% of the fp32 reference
 GOAL_PFC_TIME, GOAL_PFC_MEMORY = 0.5, 0.5
@@ -129,7 +150,7 @@ def _gpu_goals(train_models: list[dict]) -> list[tuple[str, str, str, bool | Non
     return out
 
 
-def goals(results: dict, info: dict, kind: str = "cpu") -> list[tuple[str, str, str, str, str]]:
+def goals(results: dict, info: dict, kind: str = "cpu_avx512_bf16") -> list[tuple[str, str, str, str, str]]:
     """(goal, target, measured, status, remark) for each goal of the issues. The CPU goals
     are judged on the CPU (elsewhere their status is "info"), the GPU goals on CUDA."""
     out = []
@@ -193,7 +214,7 @@ def goals(results: dict, info: dict, kind: str = "cpu") -> list[tuple[str, str, 
         out.append(("Data path: a loader worker's images/s vs raw read + decode", f">= {100 * GOAL_DATA:.0f}%",
                     f"{100 * ratio:.1f}% (single float32 items: {100 * data['getitem_vs_raw']:.1f}%)",
                     _status(ok), ""))
-    if kind != "cpu":  # the CPU goals' ratios, for information
+    if not is_cpu_kind(kind):  # the CPU goals' ratios, for information
         out = out[:gpu_rows] + [(g, w, m, "info", r) for g, w, m, _s, r in out[gpu_rows:]]
     return out
 
@@ -247,14 +268,14 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
     info = result.get("machine", {})
     failed = {k: v["error"] for k, v in result.items() if isinstance(v, dict) and "error" in v}
     result = {k: v for k, v in result.items() if k not in failed}
-    lines = [f"## {DEVICE_TITLES.get(kind, kind)}", ""]
+    lines = [f"## {device_title(kind, info)}", ""]
     lines += _machine_lines(info, result.get("note"), result) + [""]
     for part, error in failed.items():
         lines += [f"**{part}: the benchmark failed** ({error}).", ""]
 
     rows = goals(result, info, kind)
     if rows:
-        lines += [("### Goals" if kind in ("cpu", "cuda") else "### The goals' ratios (the goals are set for the CPU)"),
+        lines += [("### Goals" if kind == "cuda" or is_cpu_kind(kind) else "### The goals' ratios (the goals are set for the CPU)"),
                   ""]
         if kind == "cuda":
             lines += ["The GPU goals are judged here; the CPU goals' ratios are shown for information.", ""]
@@ -303,7 +324,8 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
     if "partial_fc" in result:
         pfc = result["partial_fc"]
         png = f"benchmarks_partial_fc{'' if kind == 'cpu' else '_' + kind}.png"
-        bench_partial_fc.plot(pfc, str(target / png), title_suffix=f" ({DEVICE_TITLES.get(kind, kind)})")
+        short_title = DEVICE_TITLES.get(kind, kind).split(":")[0] + (" (emulated)" if info.get("isa_limits") else "")
+        bench_partial_fc.plot(pfc, str(target / png), title_suffix=f" ({short_title})")
         precision = next((c.get("precision") for c in pfc["cases"] if c.get("precision")), "?")
         rounds = (f", in each of {pfc['rounds']} rounds that alternate ours and the reference"
                   if pfc.get("rounds", 1) > 1 else "")
@@ -426,7 +448,7 @@ def render(results_dir: Path, target: Path) -> Path:
         "path (other load only ever slows a step down).",
         "",
     ]
-    order = [k for k in ("cpu", "cuda") if k in files] + [k for k in files if k not in ("cpu", "cuda")]
+    order = [k for k in DEVICE_ORDER if k in files] + [k for k in files if k not in DEVICE_ORDER]
     if not order:
         lines.append("No results yet: run `python bench/run_all.py`.")
     for kind in order:

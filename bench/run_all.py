@@ -1,13 +1,15 @@
 """Run the whole benchmark suite on one device and regenerate docs/benchmarks.md.
 
     python bench/run_all.py                    # CPU (or `make bench`)
+    make bench-avx2                            # on an AVX512/AMX CPU: the AVX2-only CPU's code paths
     python bench/run_all.py --device cuda      # a CUDA machine: the same suite at GPU sizes
     python bench/run_all.py --render-only      # rebuild docs/benchmarks.md from the saved results
     python bench/run_all.py --quick            # smoke test: tiny sizes, written under bench/results/
 
-Each device's results go to docs/bench_results/<device>.json (kept in the repository, so the
-CPU and GPU results, measured on different machines, are rendered side by side); the
-markdown and one PNG per device are rendered from whichever result files exist.
+Each kind of machine's results go to docs/bench_results/<kind>.json: cuda, or the CPU's kind
+(cpu_avx512_bf16, cpu_avx512, cpu_avx2; bench.common.cpu_kind). They are kept in the
+repository, so results measured on different machines are rendered side by side; the
+markdown and one PNG per kind are rendered from whichever result files exist.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
-from bench.common import OtherLoad, ROOT, enable_huge_pages, machine_info, resolve_device  # noqa: E402
+from bench.common import OtherLoad, ROOT, cpu_kind, enable_huge_pages, machine_info, resolve_device  # noqa: E402
 
 DOCS = ROOT / "docs"
 QUICK_DIR = ROOT / "bench" / "results"
@@ -62,6 +64,12 @@ SUITES = ("train", "partial_fc", "inference", "data")
 
 def results_path(device_kind: str, quick: bool) -> Path:
     return (QUICK_DIR if quick else DOCS / "bench_results") / f"{device_kind}.json"
+
+
+def results_kind(device) -> str:
+    """One results file per kind of machine: cuda, or the CPU's kind (bench.common.cpu_kind),
+    so the figures of an AVX2-only CPU do not replace those of a bf16 one."""
+    return cpu_kind() if device.type == "cpu" else device.type
 
 
 def run_suite(device, plan: dict, only, save, log=print) -> dict:
@@ -144,9 +152,8 @@ def main() -> int:
 
     if not args.render_only:
         device = resolve_device(args.device)
-        kind = device.type
-        plan = PLANS["quick" if args.quick else kind]
-        out = results_path(kind, args.quick)
+        plan = PLANS["quick" if args.quick else device.type]
+        out = results_path(results_kind(device), args.quick)
         previous = json.loads(out.read_text()) if out.exists() else {}
         info = machine_info(device)
         other_load = OtherLoad()
@@ -165,7 +172,7 @@ def main() -> int:
         run_suite(device, plan, args.only, save)
         print(f"results: {out}")
     target = QUICK_DIR if args.quick else DOCS
-    md = render(results_path("cpu", args.quick).parent, target)
+    md = render(results_path("cuda", args.quick).parent, target)
     print(f"report: {md}")
     return 0
 

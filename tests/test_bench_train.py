@@ -155,3 +155,35 @@ def test_cuda_result_renders_insightface_ratios_and_judges_the_gpu_goals(tmp_pat
     goal_rows = [line for line in md.splitlines() if "vs insightface's GPU path" in line]
     assert [row.split(" | ")[3] for row in goal_rows] == ["PASS", "MISS"]  # 1.53x, then 1.11x
     assert "MFU: the step's FLOPs counted once per model and batch on the reference path" in md and peak in md
+
+
+def test_each_cpu_kind_has_its_own_results_file_and_section(tmp_path):
+    # The kernels held to AVX2 (what `make bench-avx2` sets), in a fresh process: the kind,
+    # hence the results file, and precision=auto's choice follow the limit.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from bench.common import cpu_kind, isa_limits; from bench.run_all import results_kind; "
+            "from bench.common import default_precision as p; "
+            "print(results_kind(torch.device('cpu')), sorted(isa_limits()), p(torch.device('cpu')).name)")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=run_all.ROOT, check=True).stdout.split()
+    assert out == ["cpu_avx2", "['ATEN_CPU_CAPABILITY',", "'ONEDNN_MAX_CPU_ISA']", "fp32"]
+
+    old = {"model": "mbf", "batch_per_process": 32, "world_size": 1, "warmup": 2, "paths": {
+        "reference": _path(20.0, "fp32"), "default": _path(30.0, "fp32", speedup=1.5)}}
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    for kind, limits in (("cpu_avx2", {"ONEDNN_MAX_CPU_ISA": "AVX2"}), ("cpu_avx512_bf16", {})):
+        (results / f"{kind}.json").write_text(json.dumps({
+            "train": {"models": [old], "num_classes": 10_000, "steps": 4, "warmup": 2},
+            "machine": {"date": "d", "cpu": "Some Xeon", "cpu_cores": 2, "cpu_matrix_units": "amx_bf16",
+                        "isa_limits": limits}}))
+    md = report.render(results, docs).read_text()
+    titles = [line for line in md.splitlines() if line.startswith("## ")]
+    assert titles[:2] == [
+        "## CPU with bf16 units (AVX512-BF16 / AMX): the default path is bf16 autocast",
+        "## CPU with AVX2 only: the default path is fp32 (emulated: ONEDNN_MAX_CPU_ISA=AVX2 on Some Xeon with amx_bf16)",
+    ]
