@@ -12,7 +12,10 @@ setup: $(STAMP)
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	# --no-compile: Python compiles only the modules a run imports, on first import, instead of
+	# every file of every package at install (measured on 2 cores: 62 s -> 31 s to install,
+	# +4.5 s on the first import of torch, cv2, onnx, onnxruntime, matplotlib, tensorboard).
+	$(PY) -m pip install --quiet --no-compile -r requirements.txt
 	touch $(STAMP)
 
 # The suite without the long soak and requeue tests (@pytest.mark.slow); `make soak` runs those.

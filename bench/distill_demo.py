@@ -57,12 +57,21 @@ def _train(args: list[str], log) -> None:
         raise SystemExit(f"error: train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
-def _common(out: Path, name: str, steps: int, rec: str) -> list[str]:
+def _common(out: Path, name: str, steps: int | None, rec: str) -> list[str]:
     # No evaluation during the run: every model is evaluated here, on the same held-out set.
+    # steps None: the config's own plan (the demo's one epoch).
     return [
-        f"--output={out / name}", f"--max_steps={steps}", f"--rec={rec}",
+        f"--output={out / name}", *([f"--max_steps={steps}"] if steps is not None else []), f"--rec={rec}",
         "--eval_at_start=False", "--verbose=1000000", "--save_every_steps=0",
     ]
+
+
+def _trained_steps(run_dir: Path) -> int:
+    """The length of a finished run's plan, from its log's first line of plan arithmetic."""
+    found = re.search(r"\| total_step (\d+) \|", (run_dir / "training.log").read_text())
+    if found is None:
+        raise SystemExit(f"error: {run_dir / 'training.log'} names no total_step: not a train.py log")
+    return int(found.group(1))
 
 
 def _held_out(rec: str):
@@ -113,7 +122,7 @@ def measure(opts, log=print) -> dict:
 
     data = _held_out(rec)
     teacher_emb, teacher_acc = _embed(teacher_pt, opts.teacher_network, data)
-    rows = {"teacher": {"network": opts.teacher_network, "steps": teacher_steps, "accuracy": teacher_acc, "cosine_to_teacher": 1.0}}
+    rows = {"teacher": {"network": opts.teacher_network, "steps": _trained_steps(out / "teacher"), "accuracy": teacher_acc, "cosine_to_teacher": 1.0}}
     for name in students:
         emb, acc = _embed(out / name / "model.pt", opts.student_network, data)
         cosine = float((emb * teacher_emb).sum(axis=1).mean())  # both are unit vectors
@@ -209,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--teacher-network", default="mbf")
     m.add_argument("--student-network", default="mbf")
     m.add_argument("--embedding-size", type=int, default=128, help="the demo's; teacher and students share it")
-    m.add_argument("--teacher-steps", type=int, default=300, help="the demo's one epoch")
+    m.add_argument("--teacher-steps", type=int, default=None, help="default: the demo's plan (one epoch)")
     m.add_argument("--student-steps", type=int, default=100)
     m.add_argument("--distill-weights", type=float, nargs="+", default=[1.0])
     m.add_argument("--distill-loss", default="cosine", choices=("cosine", "mse", "relation"))

