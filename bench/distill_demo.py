@@ -41,7 +41,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
-from bench.common import ROOT, default_precision, resolve_device, summarize, timed  # noqa: E402
+from bench.common import ROOT, default_precision, machine_info, resolve_device, summarize, timed  # noqa: E402
 
 DEMO = "configs/demo.py"
 PROGRESS_DISTILL = re.compile(r"\| distill [0-9.]+")
@@ -196,7 +196,7 @@ def cost(opts, log=print) -> dict:
             if i >= opts.warmup:
                 times[with_teacher].append(seconds)
     result = {"device": str(device), "precision": precision.name, "student": opts.student, "teacher": opts.teacher,
-              "batch_size": opts.batch_size}
+              "batch_size": opts.batch_size, "machine": machine_info(device)}
     for with_teacher, key in ((False, "without_teacher"), (True, "with_teacher")):
         summary = summarize(times[with_teacher])
         result[key] = {**summary, "samples_per_s": opts.batch_size / summary["min_s"]}

@@ -403,8 +403,14 @@ def _extra_distill_measure(result: dict) -> list[str]:
 
 
 def _extra_distill_cost(result: dict) -> list[str]:
-    return ["### What the teacher costs per step", "",
-            f"`python bench/distill_demo.py cost` on {result['device']} ({result['precision']}), batch "
+    machine = result.get("machine", {})
+    where = result["device"]
+    if machine.get("cpu_kind"):
+        where = f"{device_title(machine['cpu_kind'], machine)}; {machine.get('cpu_cores')} cores, {machine.get('date')}"
+    elif machine.get("gpu"):
+        where = f"{machine['gpu']}, {machine.get('date')}"
+    return [f"### What the teacher costs per step ({result['precision']})", "",
+            f"`python bench/distill_demo.py cost` on {where}; precision {result['precision']}, batch "
             f"{result['batch_size']}, the two steps interleaved (fastest step of each):", "",
             "| student | teacher | samples/s alone | samples/s with the teacher | step time |",
             "| --- | --- | ---: | ---: | ---: |",
