@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     import _repo_path  # noqa: F401  (puts the repository root on sys.path)
 
-from bench.common import OtherLoad, ROOT, cpu_kind, enable_huge_pages, machine_info, resolve_device  # noqa: E402
+from bench.common import OtherLoad, ROOT, cpu_kind, cpu_model, enable_huge_pages, machine_info, resolve_device  # noqa: E402
 
 DOCS = ROOT / "docs"
 QUICK_DIR = ROOT / "bench" / "results"
@@ -40,6 +40,9 @@ PLANS = {
         "train": dict(models=["mbf", "r18", "r50"], batch=32, steps=4, warmup=2, compiled=["r50"]),
         "partial_fc": dict(classes=[100_000, 1_000_000, 2_000_000], sample_rates=[1.0, 0.3, 0.1],
                            batch_sizes=[128], steps=3, warmup=1, rounds=2),
+        # fc_state_dtype="bfloat16" (issue 15's ratios) at the goal's size only.
+        "partial_fc_bf16_state": dict(classes=[1_000_000], sample_rates=[0.1], batch_sizes=[128], steps=3, warmup=1,
+                                      rounds=2),
         "inference": dict(models=["mbf", "r18", "r50"], batch=32, batches=5, warmup=1),
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
@@ -48,6 +51,7 @@ PLANS = {
                       paths=["reference", "insightface", "default", "compiled"]),
         "partial_fc": dict(classes=[100_000, 1_000_000, 2_000_000, 4_000_000], sample_rates=[1.0, 0.3, 0.1],
                            batch_sizes=[128, 1024], steps=8, warmup=2),
+        "partial_fc_bf16_state": dict(classes=[1_000_000], sample_rates=[0.1], batch_sizes=[128], steps=8, warmup=2),
         "inference": dict(models=["mbf", "r18", "r50"], batch=128, batches=6, warmup=2),
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
@@ -55,11 +59,12 @@ PLANS = {
         "train": dict(models=["mbf"], batch=8, steps=2, warmup=1, compiled=[],
                       paths=["reference", "insightface", "default"]),
         "partial_fc": dict(classes=[5_000, 20_000], sample_rates=[1.0, 0.1], batch_sizes=[64], steps=2, warmup=1),
+        "partial_fc_bf16_state": dict(classes=[20_000], sample_rates=[0.1], batch_sizes=[64], steps=2, warmup=1),
         "inference": dict(models=["mbf"], batch=8, batches=2, warmup=1),
         "data": dict(num_images=300, workers=(0, 1)),
     },
 }
-SUITES = ("train", "partial_fc", "inference", "data")
+SUITES = ("train", "partial_fc", "partial_fc_bf16_state", "inference", "data")
 
 
 def results_path(device_kind: str, quick: bool) -> Path:
@@ -107,6 +112,13 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
         return bench_partial_fc.run(p["classes"], p["sample_rates"], batch_sizes=p["batch_sizes"], steps=p["steps"],
                                     warmup=p["warmup"], rounds=p.get("rounds", 1), device=str(device), log=log)
 
+    def partial_fc_bf16_state():
+        p = plan["partial_fc_bf16_state"]
+        log(f"[partial_fc_bf16_state] classes {p['classes']} rates {p['sample_rates']} batch {p['batch_sizes']}")
+        return bench_partial_fc.run(p["classes"], p["sample_rates"], batch_sizes=p["batch_sizes"], steps=p["steps"],
+                                    warmup=p["warmup"], rounds=p.get("rounds", 1), device=str(device), log=log,
+                                    fc_state_dtype="bfloat16")
+
     def inference():
         p = plan["inference"]
         log(f"[inference] {p['models']} batch {p['batch']}")
@@ -118,7 +130,8 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
         log(f"[data] {p['num_images']} JPEGs, workers {p['workers']}")
         return bench_data.run(p["num_images"], workers=tuple(p["workers"]))
 
-    parts = {"train": train, "partial_fc": partial_fc, "inference": inference, "data": data}
+    parts = {"train": train, "partial_fc": partial_fc, "partial_fc_bf16_state": partial_fc_bf16_state,
+             "inference": inference, "data": data}
     results = {}
     for name in SUITES:
         if name not in only:
@@ -132,7 +145,7 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         # Parts may be re-run on their own (--only): each carries when and how it was measured.
         results[name]["measured"] = {"date": date, "seconds": round(time.perf_counter() - start),
-                                     "other_processes_cores": other_load.cores()}
+                                     "other_processes_cores": other_load.cores(), "cpu": cpu_model()}
         log(f"[{name}] {time.perf_counter() - start:.0f} s")
         save(results)
     return results
@@ -159,6 +172,9 @@ def main() -> int:
         other_load = OtherLoad()
         start = time.perf_counter()
         kept = {k: v for k, v in previous.items() if k in SUITES}  # a partial run (--only) keeps the rest
+        for part in kept.values():  # sections from before "measured" named the CPU: the previous run's
+            if isinstance(part.get("measured"), dict) and "cpu" not in part["measured"]:
+                part["measured"]["cpu"] = previous.get("machine", {}).get("cpu")
 
         def save(measured: dict) -> None:
             info["load_average_at_end"] = os.getloadavg()[0]

@@ -38,3 +38,37 @@ def test_the_benchmark_page_renders_the_other_measurements_and_ignores_them_as_d
     assert "## Other measurements" in md and "No results yet" in md  # no device file: the extras are no device
     assert "| adaface | `--loss=adaface` | 67.33% | 92.00% (150) |" in md
     assert "| mbf | r50 | 12.0 | 4.0 | 3.00x |" in md
+
+
+def test_the_suite_measures_bfloat16_state_and_the_page_judges_its_goals(tmp_path):
+    import json
+
+    import torch
+
+    from bench import report, run_all
+
+    plan = {"partial_fc_bf16_state": dict(classes=[2_000], sample_rates=[0.5], batch_sizes=[16], steps=1, warmup=1)}
+    saved = []
+    results = run_all.run_suite(torch.device("cpu"), plan, ["partial_fc_bf16_state"], saved.append,
+                                log=lambda *_: None)
+    part = results["partial_fc_bf16_state"]
+    assert saved and "error" not in part, part
+    ours = [c for c in part["cases"] if c["impl"] == "ours"]
+    reference = [c for c in part["cases"] if c["impl"] == "reference"]
+    assert ours and reference and all(c["fc_state_dtype"] == "bfloat16" for c in ours)
+    assert all(c["fc_state_dtype"] == "float32" for c in reference)  # the reference keeps float32 momentum
+
+    # The goals are judged at 1M classes, rate 0.1: the same result file relabelled to that size.
+    for c in part["cases"]:
+        c.update(num_classes=1_000_000, sample_rate=0.1)
+    part.update(classes=[1_000_000], sample_rates=[0.1])
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "cpu_avx512_bf16.json").write_text(json.dumps({
+        "partial_fc_bf16_state": part, "machine": {"date": "d", "cpu": "x", "cpu_cores": 2}}))
+    md = report.render(folder, tmp_path / "docs").read_text()
+    assert "### (b2) PartialFC step with bfloat16 class-centre state" in md
+    ratio = ours[0]["peak_bytes"] / reference[0]["peak_bytes"]
+    status = "PASS" if ratio <= 0.40 else "MISS"
+    assert f"| PartialFC 1M classes, rate 0.1, bfloat16 state: peak memory | <= 0.40x dense | {ratio:.3f}x" in md
+    assert status in md.split("bfloat16 state: peak memory", 1)[1].splitlines()[0]
