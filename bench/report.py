@@ -53,12 +53,16 @@ def _gib(x: float) -> str:
 
 def _machine_lines(info: dict, note: str | None, parts: dict) -> list[str]:
     dates = _measurement_dates(parts)
-    if dates - {info.get("date")}:
+    # Each section carries the time it started; only sections from before this run's start
+    # were kept from an earlier run (run_all.py --only).
+    if any(d < (info.get("date") or "") for d in dates):
         lines = [f"- Dates: {min(dates)} to {max(dates)}; the latest run ({info.get('date')}, "
                  f"{info.get('suite_seconds', '?')} s) re-measured some sections only, and each section says when "
                  "it was measured; the lines below describe that run"]
     else:
         lines = [f"- Date: {info.get('date')}; suite run time {info.get('suite_seconds', '?')} s"]
+        if dates - {info.get("date")}:
+            lines[0] += f" (the last section started at {max(dates)})"
     cpu = f"- CPU: {info.get('cpu')}, {info.get('cpu_cores')} cores, torch threads {info.get('torch_threads')}"
     if info.get("cpu_matrix_units"):
         cpu += f"; vector/matrix units: {info['cpu_matrix_units']} (torch kernels: {info.get('torch_cpu_capability')})"
