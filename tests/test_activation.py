@@ -9,6 +9,11 @@ from torch import nn
 from backbones.activation import PReLU, _PReLUFunction
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
 def _pair(channels, init=0.25):
     ours, stock = PReLU(channels, init=init), nn.PReLU(channels, init=init)
     with torch.no_grad():  # slopes of both signs and sizes, as trained networks have them
@@ -72,11 +77,14 @@ def test_under_bfloat16_autocast_it_keeps_autocasts_dtypes_and_nn_prelus_gradien
     assert torch.equal(y_ours, y_stock)
     assert gx_ours.dtype == torch.float32 and gw_ours.dtype == torch.float32  # the input's and the parameter's
     torch.testing.assert_close(gx_ours, gx_stock, rtol=1e-2, atol=1e-2)
-    # Summed in float32 here, in bfloat16 by ATen: ours is the closer one to the exact sum.
+    # The slope's gradient against the exact sum over the bfloat16 operands: the products are
+    # rounded to bfloat16 (as ATen's are), the sum is float32.
     x_low = x.bfloat16().float()
     exact = ((g.float() * x_low) * (x_low <= 0)).sum((0, 2, 3))
-    assert (gw_ours - exact).abs().max() <= (gw_stock - exact).abs().max() + 1e-3
-    torch.testing.assert_close(gw_ours, exact, rtol=2e-2, atol=2e-2)
+    # Within 1% of the gradient's scale (a per-channel tolerance fails channels that cancel to ~0).
+    scale = exact.abs().max().item()
+    torch.testing.assert_close(gw_ours, exact, rtol=0, atol=1e-2 * scale)
+    torch.testing.assert_close(gw_ours, gw_stock, rtol=0, atol=1e-2 * scale)
 
 
 def test_only_the_input_or_only_the_slope_may_need_a_gradient():
