@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .activation import PReLU
+from .conv import Conv2d
 from .precision import float32_region, trunk_autocast
 from .registry import register_model
 
@@ -27,7 +28,7 @@ class ConvBlock(nn.Module):
                  padding: int = 0, groups: int = 1):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
+            Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
             PReLU(out_channels),
         )
@@ -43,7 +44,7 @@ class LinearBlock(nn.Module):
                  padding: int = 0, groups: int = 1):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
+            Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=False),
             nn.BatchNorm2d(out_channels),
         )
 
