@@ -16,6 +16,7 @@ from typing import Union
 import numpy as np
 import torch
 
+from backbones.folding import fold_batchnorm
 from backbones.weights import load_backbone_weights
 from dataset.transforms import normalize_batch
 from utils.errors import UserError
@@ -42,6 +43,7 @@ class TorchEmbedder:
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", batch_size: int = 64):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self._folded = fold_batchnorm(self.model)  # what embed() runs: BatchNorm folded into the convolutions
         self.batch_size = batch_size
 
     def embed(self, images: ImageBatch) -> np.ndarray:
@@ -50,7 +52,7 @@ class TorchEmbedder:
         with torch.inference_mode():
             for start in range(0, arr.shape[0], self.batch_size):
                 x = normalize_batch(torch.from_numpy(arr[start : start + self.batch_size]).to(self.device))
-                out.append(self.model(x).float().cpu().numpy())
+                out.append(self._folded(x).float().cpu().numpy())
         return np.concatenate(out, axis=0) if out else np.zeros((0, 0), dtype=np.float32)
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from backbones.folding import fold_batchnorm
 from dataset.transforms import normalize_batch
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
@@ -178,19 +179,6 @@ def evaluate(
 # Embedding
 
 
-@contextlib.contextmanager
-def eval_mode(module: torch.nn.Module) -> Iterator[None]:
-    """Eval mode for the duration; afterwards every submodule gets back its own mode
-    (a frozen BatchNorm inside a training model stays frozen)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _unwrap(model):
     # DDP's forward may broadcast buffers, a collective the ranks would not all reach equally often.
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
@@ -219,12 +207,15 @@ def _embed_batches(
     outputs = []
     if isinstance(model, torch.nn.Module):
         device = _module_device(model)
+        # An eval-mode copy with BatchNorm folded into the convolutions: faster, and the
+        # training model keeps its own modes (a frozen BatchNorm stays frozen) and weights.
+        model = fold_batchnorm(model)
         autocast = (
             torch.autocast(device_type=device.type, dtype=amp_dtype)
             if amp_dtype is not None
             else contextlib.nullcontext()
         )
-        with eval_mode(model), torch.inference_mode():
+        with torch.inference_mode():
             for start in range(0, indices.numel(), batch_size):
                 idx = indices[start : start + batch_size]
                 pair = []
