@@ -4,9 +4,11 @@ plain eager fp32 step, with the model-FLOPs utilisation (MFU) of each.
 One step = forward of the backbone, PartialFC margin-softmax loss, backward, gradient
 clipping and the optimizer step, on the same batches from the same initial weights:
 
-  reference   eager fp32, NCHW, torch.optim.SGD (its default implementation), the loss read
-              on the host every step, cuDNN's default algorithm choice -- insightface's
-              arcface_torch as it runs on a CPU (its fp16 flag only acts on CUDA).
+  reference   eager fp32, NCHW, torch's nn.Conv2d and nn.PReLU (not the CPU routes of
+              backbones.conv and backbones.activation), torch.optim.SGD (its default
+              implementation), the loss read on the host every step, cuDNN's default
+              algorithm choice -- insightface's arcface_torch as it runs on a CPU (its
+              fp16 flag only acts on CUDA).
   insightface CUDA only: insightface's GPU path (bench/insightface_reference.py): the
               backbone built with fp16=True (its trunk under float16 autocast, the
               embedding layer in float32), NCHW, cudnn.benchmark=True through
@@ -123,6 +125,10 @@ class _Path:
         precision = default_precision(device) if fast else None
         self.precision = precision.name if fast else "fp32"
         self.backbone = copy.deepcopy(backbone).to(device)
+        if not fast:
+            from bench.insightface_reference import with_stock_modules
+
+            with_stock_modules(self.backbone)
         channels_last = fast and self.backbone.prefers_channels_last  # as train.py decides it
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
@@ -153,10 +159,11 @@ class _Path:
 
     def _build_insightface(self, name: str, backbone, head_weight, fp16: bool) -> None:
         from backbones import get_model
-        from bench.insightface_reference import InsightfaceMargin, InsightfacePartialFC, build_insightface_step
+        from bench.insightface_reference import (
+            InsightfaceMargin, InsightfacePartialFC, build_insightface_step, with_stock_modules)
 
         # Built with fp16 so that the trunk autocasts itself, then given the shared initial weights.
-        self.backbone = get_model(name, num_features=512, fp16=fp16)
+        self.backbone = with_stock_modules(get_model(name, num_features=512, fp16=fp16))
         self.backbone.load_state_dict(backbone.state_dict())
         self.backbone.to(self.device)  # NCHW
         self.head = InsightfacePartialFC(
@@ -283,7 +290,7 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
     import torch
 
     from backbones import get_model
-    from bench.insightface_reference import count_step_flops, mfu
+    from bench.insightface_reference import count_step_flops, mfu, stock_modules
 
     if warmup < 1:
         raise ValueError(f"warmup must be at least 1 (the FLOPs are counted on a warm-up step), got {warmup}")
@@ -304,7 +311,8 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
             for runner in runners:
                 if i == 0 and runner.kind == counter_kind:  # a warm-up step: its time is not kept
                     counted = []
-                    seconds = timed(lambda: counted.append(count_step_flops(runner.step, images, labels)), device)
+                    with stock_modules(runner.backbone):  # the model's FLOPs, not our CPU routes'
+                        seconds = timed(lambda: counted.append(count_step_flops(runner.step, images, labels)), device)
                     step_flops = counted[0]
                 else:
                     seconds = timed(lambda: runner.step(images, labels), device)

@@ -15,23 +15,57 @@ rebuilt here from the published algorithm, not copied:
   CosFace subtracts m3 from the target logit;
 - its distributed cross-entropy: the softmax materialised in place, the target
   probability clamped at 1e-30 before the log (the 69.0776 ceiling);
+- torch's own nn.Conv2d and nn.PReLU (`with_stock_modules`), not our CPU routes;
 - torch.optim.SGD (its default implementation) over backbone and head, GradScaler with
   growth_interval=100, gradient clipping of the backbone at norm 5, and the loss read on
   the host every step (its AverageMeter).
 
     from bench.insightface_reference import (
-        InsightfaceMargin, InsightfacePartialFC, build_insightface_step, count_step_flops, mfu, peak_flops)
+        InsightfaceMargin, InsightfacePartialFC, build_insightface_step, count_step_flops, mfu, peak_flops,
+        with_stock_modules)
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from backbones.activation import PReLU
+from backbones.conv import Conv2d
 from losses.partial_fc import _distributed, _gather_labels, _GatherEmbeddings, shard_range
+
+
+_STOCK = {Conv2d: nn.Conv2d, PReLU: nn.PReLU}
+
+
+def with_stock_modules(model: nn.Module) -> nn.Module:
+    """`model`, changed in place, with torch's nn.Conv2d and nn.PReLU where it has ours.
+
+    backbones.conv.Conv2d and backbones.activation.PReLU are those classes with faster CPU
+    routes and no state of their own, so changing each instance's class back gives the
+    module insightface builds, with the same parameters.
+    """
+    for module in model.modules():
+        if type(module) in _STOCK:
+            module.__class__ = _STOCK[type(module)]
+    return model
+
+
+@contextlib.contextmanager
+def stock_modules(model: nn.Module) -> Iterator[None]:
+    """`with_stock_modules` for the duration: to count a routed model's own FLOPs (the
+    block-diagonal weights of backbones.conv multiply zeros, which the model does not)."""
+    changed = [(module, type(module)) for module in model.modules() if type(module) in _STOCK]
+    with_stock_modules(model)
+    try:
+        yield
+    finally:
+        for module, kind in changed:
+            module.__class__ = kind
 
 
 class InsightfaceMargin(nn.Module):

@@ -6,6 +6,7 @@ from torch import nn
 
 from bench.insightface_reference import (
     InsightfaceMargin, InsightfacePartialFC, build_insightface_step, count_step_flops, format_mfu, mfu, peak_flops,
+    with_stock_modules,
 )
 from losses import CombinedMarginLoss, PartialFC
 
@@ -127,3 +128,19 @@ def test_mfu_and_peaks():
     assert format_mfu(1e12, 1.0, "cpu").startswith("n/a")
     with pytest.raises(ValueError):
         mfu(1.0, 0.0, 1.0)
+
+
+def test_with_stock_modules_gives_torchs_modules_with_the_same_weights():
+    from backbones import get_model
+
+    torch.manual_seed(0)
+    ours = get_model("mbf", num_features=32)
+    stock = with_stock_modules(get_model("mbf", num_features=32))
+    stock.load_state_dict(ours.state_dict())
+    kinds = {type(m) for m in stock.modules()}
+    assert nn.Conv2d in kinds and nn.PReLU in kinds
+    assert not any(type(m).__module__.startswith("backbones") and isinstance(m, (nn.Conv2d, nn.PReLU))
+                   for m in stock.modules())
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(stock.eval()(x), ours.eval()(x))

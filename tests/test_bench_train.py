@@ -74,7 +74,10 @@ def test_every_path_does_the_same_model_flops(cpu_train):
     # Why one count serves every path: the FLOPs of a step are the model's, whatever the
     # path's precision, memory format, head implementation or optimizer. The run counted
     # them on the reference's first step; count them on the others' (same weights, batch).
+    # The default path's CPU convolution routes (backbones.conv) multiply zeros as well,
+    # which are not the model's FLOPs: it is counted with torch's modules, and once as it runs.
     from backbones import get_model
+    from bench.insightface_reference import stock_modules
     from utils.distributed import cleanup_distributed, init_distributed
 
     ctx = init_distributed(device="cpu")
@@ -86,12 +89,19 @@ def test_every_path_does_the_same_model_flops(cpu_train):
         counts = {"reference": cpu_train["models"][0]["step_flops"]}
         for kind in ("default", "insightface"):
             runner = bench_train._Path(kind, "mbf", backbone, head_weight, ctx, CPU, insightface_fp16=False)
-            counts[kind] = count_step_flops(runner.step, images, labels)
+            if kind == "default":
+                routed = count_step_flops(runner.step, images, labels)
+                with stock_modules(runner.backbone):
+                    counts[kind] = count_step_flops(runner.step, images, labels)
+                assert type(runner.backbone.layers[1].layers[0]).__module__ == "backbones.conv"  # restored
+            else:
+                counts[kind] = count_step_flops(runner.step, images, labels)
             assert float(runner.losses[0]) == pytest.approx(cpu_train["models"][0]["paths"]["reference"]["losses"][0],
                                                      rel=0.02)  # the same first step
     finally:
         cleanup_distributed()
     assert len(set(counts.values())) == 1, counts
+    assert routed > counts["reference"]  # the block-diagonal weights' zeros
 
 
 def test_warmup_is_needed_for_the_flop_count():
