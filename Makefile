@@ -9,13 +9,22 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 # Re-install only when the pinned requirements change.
+# The venv is made without pip, and the system's pip (22.3 or newer: --python) installs pip and
+# the requirements into it: `venv` with pip runs ensurepip, which compiles pip's own files, and
+# upgrading that pip compiles them again (measured on 2 cores: 11.3 s + 5.6 s; without: 0.5 s).
+# Where the system has no such pip, the venv brings its own.
+# --no-compile: Python compiles only the modules a run imports, on first import, instead of
+# every file of every package at install (measured on 2 cores: 62 s -> 31 s to install,
+# +4.5 s on the first import of torch, cv2, onnx, onnxruntime, matplotlib, tensorboard).
 $(STAMP): requirements.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# --no-compile: Python compiles only the modules a run imports, on first import, instead of
-	# every file of every package at install (measured on 2 cores: 62 s -> 31 s to install,
-	# +4.5 s on the first import of torch, cv2, onnx, onnxruntime, matplotlib, tensorboard).
-	$(PY) -m pip install --quiet --no-compile -r requirements.txt
+	@if $(PYTHON) -m venv --without-pip $(VENV) && $(PYTHON) -m pip --python $(PY) --version >/dev/null 2>&1; then \
+		echo "$(PYTHON) -m pip --python $(PY) install --no-compile pip -r requirements.txt"; \
+		$(PYTHON) -m pip --python $(PY) install --quiet --no-compile pip -r requirements.txt; \
+	else \
+		echo "$(PY) -m ensurepip; $(PY) -m pip install --no-compile --upgrade pip -r requirements.txt"; \
+		$(PY) -m ensurepip --upgrade --default-pip >/dev/null && \
+		$(PY) -m pip install --quiet --no-compile --upgrade pip -r requirements.txt; \
+	fi
 	touch $(STAMP)
 
 # The suite without the long soak and requeue tests (@pytest.mark.slow); `make soak` runs those.
