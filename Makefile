@@ -4,6 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
+# Byte code: the packages are installed without it (--no-compile, below), and a module is
+# compiled on its first import into .venv/pycache for every later run, also where the
+# environment sets PYTHONDONTWRITEBYTECODE (these machines' does). Without this every process
+# compiled its imports again: `import torch` 2.5 s -> 4-7 s, and `make test` starts hundreds of
+# processes (CI: 957 s -> 1779 s). The prefix keeps the byte code out of the source folders.
+export PYTHONPYCACHEPREFIX := $(CURDIR)/$(VENV)/pycache
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: setup test soak demo bench bench-avx2 clean
 
 setup: $(STAMP)
@@ -13,9 +21,10 @@ setup: $(STAMP)
 # the requirements into it: `venv` with pip runs ensurepip, which compiles pip's own files, and
 # upgrading that pip compiles them again (measured on 2 cores: 11.3 s + 5.6 s; without: 0.5 s).
 # Where the system has no such pip, the venv brings its own.
-# --no-compile: Python compiles only the modules a run imports, on first import, instead of
-# every file of every package at install (measured on 2 cores: 62 s -> 31 s to install,
-# +4.5 s on the first import of torch, cv2, onnx, onnxruntime, matplotlib, tensorboard).
+# --no-compile: Python compiles only the modules a run imports, on first import (see
+# PYTHONPYCACHEPREFIX above), instead of every file of every package at install (measured on 2
+# cores: 62 s -> 31 s to install, +4.5 s on the first import of torch, cv2, onnx, onnxruntime,
+# matplotlib, tensorboard).
 $(STAMP): requirements.txt
 	@if $(PYTHON) -m venv --without-pip $(VENV) && $(PYTHON) -m pip --python $(PY) --version >/dev/null 2>&1; then \
 		echo "$(PYTHON) -m pip --python $(PY) install --no-compile pip -r requirements.txt"; \
