@@ -114,8 +114,9 @@ def _conv_bound_remark(paths: dict, best: str) -> str:
         return ("The gap is the backbone's own speed in bf16 on this CPU: convolutions dominate the step and "
                 "run at the bf16 rate oneDNN reaches on these cores.")
     ref_total = ref["conv_s"] + ref["other_s"]
+    precision = paths[best].get("precision", "bf16")
     return (f"The ceiling is the convolutions: in a profiled step they take {100 * ref['conv_s'] / ref_total:.0f}% of "
-            f"the fp32 reference's time and run {ref['conv_s'] / fast['conv_s']:.2f}x faster in bf16 "
+            f"the fp32 reference's time and run {ref['conv_s'] / fast['conv_s']:.2f}x as fast in {precision} "
             f"({ref['conv_s']:.2f} s vs {fast['conv_s']:.2f} s), so even with every other op free the step "
             f"could reach at most {ref_total / fast['conv_s']:.2f}x; the other ops take {fast['other_s']:.2f} s "
             f"({best}) against {ref['other_s']:.2f} s.")
@@ -314,12 +315,14 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
             *_measured(t, info, result),
             f"Forward, PartialFC loss ({t['num_classes']:,} classes, sample rate 1.0), backward, clipping and "
             f"SGD step; the fastest of {t['steps']} timed steps after {t['warmup']} warm-up steps. *reference*: eager "
-            "fp32, NCHW, torch.optim.SGD, loss read every step (insightface on a CPU, where its fp16 flag does "
-            "nothing); *insightface* (CUDA only): insightface's own GPU path -- the backbone built with fp16=True "
-            "(trunk under float16 autocast), NCHW, cudnn.benchmark=True, the dense PartialFC_V2 head (a full "
-            "Parameter, normalise + linear under float16 autocast), torch.optim.SGD, GradScaler(growth_interval=100), "
-            "loss read every step (bench/insightface_reference.py); *default*: train.py's defaults (channels_last, "
-            "autocast, fused SGD, no host sync, cudnn.benchmark on CUDA); *compiled*: default + compile=True. "
+            "fp32, NCHW, torch's own nn.Conv2d and nn.PReLU, torch.optim.SGD, loss read every step (insightface on "
+            "a CPU, where its fp16 flag does nothing); *insightface* (CUDA only): insightface's own GPU path -- the "
+            "backbone built with fp16=True (trunk under float16 autocast), NCHW, torch's modules, "
+            "cudnn.benchmark=True, the dense PartialFC_V2 head (a full Parameter, normalise + linear under float16 "
+            "autocast), torch.optim.SGD, GradScaler(growth_interval=100), loss read every step "
+            "(bench/insightface_reference.py); *default*: train.py's defaults (channels_last, autocast, the CPU "
+            "routes of backbones/conv.py and backbones/activation.py, fused SGD, no host sync, cudnn.benchmark on "
+            "CUDA); *compiled*: default + compile=True. "
             "Loss difference: the largest relative difference from the reference's loss over all steps. "
             "*MFU* (model-FLOPs utilisation): the FLOPs of one step, counted once per model and batch with "
             "torch.utils.flop_counter.FlopCounterMode on a warm-up step of an eager path (matmuls and convolutions, "
