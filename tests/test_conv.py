@@ -157,3 +157,42 @@ def test_mobilefacenet_step_under_bf16_matches_float32():
     loss16, grads16 = step(True)
     assert abs(loss16 - loss32) / loss32 < 0.02
     assert _relative_error(grads16, grads32) < 0.05
+
+
+# ---- two gloo ranks: DDP over the routed convolutions -----------------------------------------
+
+def _routed_stack():
+    """The two routed kinds in a row, without BatchNorm (whose statistics are per rank)."""
+    torch.manual_seed(3)
+    return nn.Sequential(Conv2d(8, 8, 3, padding=1, groups=4, bias=False), nn.ReLU(),
+                         Conv2d(8, 8, 3, stride=2, padding=1, groups=8, bias=False), nn.Flatten())
+
+
+def _global_batch():
+    generator = torch.Generator().manual_seed(4)
+    return torch.randn(8, 8, 12, 12, generator=generator).contiguous(memory_format=torch.channels_last)
+
+
+def _routed_step_on_rank(ctx):
+    from utils.distributed import wrap_ddp
+
+    model = wrap_ddp(_routed_stack(), ctx)
+    x = _global_batch()[ctx.rank * 4:(ctx.rank + 1) * 4]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().square().mean().backward()
+    return {k.removeprefix("module."): p.grad for k, p in model.named_parameters()}
+
+
+def test_two_gloo_ranks_through_the_routes_give_the_global_batch_gradient():
+    from helpers import run_distributed
+
+    results = run_distributed(_routed_step_on_rank, 2)
+    model = _routed_stack()  # one process, the global batch, torch's own convolutions in fp32
+    for m in model:
+        if isinstance(m, Conv2d):
+            m.__class__ = nn.Conv2d
+    model(_global_batch()).square().mean().backward()
+    for grads in results:  # DDP's average of the two halves' bf16 gradients is the global batch's
+        for name, p in model.named_parameters():
+            assert _relative_error(grads[name].float(), p.grad.float()) < 2e-2, name
