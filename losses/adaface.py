@@ -53,10 +53,13 @@ class AdaFaceMargin(Margin):
             self.batch_mean.copy_(mean * self.t_alpha + (1 - self.t_alpha) * self.batch_mean)
             self.batch_std.copy_(std * self.t_alpha + (1 - self.t_alpha) * self.batch_std)
 
-    def margin_(self, logits, targets, batch: GlobalBatch):
-        logits = clamp_cosines_(logits, -1 + _EPS, 1 - _EPS)
+    def begin_step(self, batch: GlobalBatch, num_rows, device, dtype) -> GlobalBatch:
         if self.training:
             self.update_statistics(batch.norms)
+        return batch
+
+    def margin_(self, logits, targets, batch: GlobalBatch):
+        logits = clamp_cosines_(logits, -1 + _EPS, 1 - _EPS)
         safe = batch.norms.detach().to(logits.dtype).clamp(_NORM_MIN, _NORM_MAX)
         mean, std = self.batch_mean.to(logits.dtype), self.batch_std.to(logits.dtype)
         scaler = ((safe - mean) / (std + _EPS) * self.h).clamp(-1.0, 1.0)

@@ -70,12 +70,15 @@ class CurricularFaceMargin(Margin):
     def cos_theta_plus_m(self, cos: torch.Tensor) -> torch.Tensor:
         return cos * self.cos_m - bounded_sine(cos) * self.sin_m
 
-    def margin_(self, logits, targets, batch: GlobalBatch):
-        every_target = batch.target_cosines.detach().to(logits.dtype).clamp(-1.0, 1.0)
+    def begin_step(self, batch: GlobalBatch, num_rows, device, dtype) -> GlobalBatch:
         if self.training:
             with torch.no_grad():
+                every_target = batch.target_cosines.detach().to(dtype).clamp(-1.0, 1.0)
                 self.t.copy_(every_target.mean() * _T_MOMENTUM + (1 - _T_MOMENTUM) * self.t)
+        return batch
 
+    def margin_(self, logits, targets, batch: GlobalBatch):
+        every_target = batch.target_cosines.detach().to(logits.dtype).clamp(-1.0, 1.0)
         rows, cols, valid, raw = target_entries(logits, targets)
         cos = unit_clamp(raw)
         target = torch.where(cos > self.threshold, self.cos_theta_plus_m(cos), cos - self.mm)

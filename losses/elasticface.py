@@ -26,6 +26,8 @@ every row gets the mean margin m.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from losses.margin import GlobalBatch, Margin, bounded_acos, target_entries, unit_clamp, write_targets_
@@ -72,9 +74,13 @@ class ElasticFaceMargin(Margin):
         ascending = torch.sort(margins, stable=True).values
         return ascending[order]
 
+    def begin_step(self, batch: GlobalBatch, num_rows, device, dtype) -> GlobalBatch:
+        """Draw this step's margin of every row of the global batch."""
+        return replace(batch, margins=self.margins_for(num_rows, batch, device, dtype))
+
     def margin_(self, logits, targets, batch: GlobalBatch):
         rows, cols, valid, raw = target_entries(logits, targets)
-        margins = self.margins_for(targets.shape[0], batch, logits.device, logits.dtype)
+        margins = batch.margins.to(logits.dtype)
         if self.angular:
             target = torch.cos(bounded_acos(raw) + margins)
         else:

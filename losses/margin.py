@@ -133,12 +133,24 @@ class GlobalBatch:
                     (None unless the margin sets `needs_norms`);
     target_cosines  [N] each row's cosine to its own class (the max over sub-centres),
                     detached, equal on every rank (None unless `needs_target_cosines`);
+    margins         [N] per-row margins a margin drew for this step in `begin_step`
+                    (ElasticFace), None otherwise;
     world_size      ranks the batch is spread over.
     """
 
     norms: torch.Tensor | None = None
     target_cosines: torch.Tensor | None = None
+    margins: torch.Tensor | None = None
     world_size: int = 1
+
+    def rows(self, part: slice) -> "GlobalBatch":
+        """The same batch restricted to the rows `part` (for a head that computes its logits
+        a block of rows at a time: losses/chunked_logits.py)."""
+        def cut(t):
+            return None if t is None else t[part]
+
+        return replace(self, norms=cut(self.norms), target_cosines=cut(self.target_cosines),
+                       margins=cut(self.margins))
 
     @staticmethod
     def local_target_cosines(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -154,8 +166,10 @@ class Margin(nn.Module):
     Subclasses implement `margin_(logits, targets, batch)`; they say what they need from
     the global batch with `needs_norms` / `needs_target_cosines`, and may add a term to
     the loss with `regularizer(batch)`. State that changes with training (running
-    statistics, random draws) advances only in training mode and lives in buffers or
-    `get_extra_state`, so checkpoints carry it.
+    statistics, random draws) advances only in training mode, once per step, in
+    `begin_step(batch)`, and lives in buffers or `get_extra_state`, so checkpoints carry
+    it. `margin_` itself is a rule per row given the batch `begin_step` returned, so a head
+    may apply it to the rows of the global batch a block at a time (`GlobalBatch.rows`).
     """
 
     name = "margin"
@@ -176,9 +190,17 @@ class Margin(nn.Module):
             if batch.world_size > 1:
                 raise ValueError(f"the {self.name} margin needs every row's target cosine of the global batch")
             batch = replace(batch, target_cosines=GlobalBatch.local_target_cosines(logits, targets))
+        batch = self.begin_step(batch, targets.shape[0], logits.device, logits.dtype)
         return self.margin_(logits, targets, batch)
 
+    def begin_step(self, batch: GlobalBatch, num_rows: int, device: torch.device, dtype: torch.dtype) -> GlobalBatch:
+        """Advance the margin's state from the whole global batch of `num_rows` rows (training
+        mode only) and return the batch that `margin_` reads: called once per step, before
+        the margin is applied to any row."""
+        return batch
+
     def margin_(self, logits: torch.Tensor, targets: torch.Tensor, batch: GlobalBatch) -> torch.Tensor:
+        """The margin of these rows, in place; no state changes here (see `begin_step`)."""
         raise NotImplementedError
 
     def regularizer(self, batch: GlobalBatch) -> torch.Tensor | None:
