@@ -373,7 +373,8 @@ def _build_run_state(cfg: Config, ctx: DistContext, checked: _Checked):
     aux_losses = [distill] if distill is not None else []
     head = PartialFC(
         checked.margin, cfg.embedding_size, checked.num_classes, cfg.sample_rate, num_subcenters=cfg.num_subcenters,
-        matmul_dtype=precision.autocast_dtype, rank=ctx.rank, world_size=ctx.world_size,
+        matmul_dtype=precision.autocast_dtype, logits_chunk_rows=cfg.logits_chunk_rows,
+        rank=ctx.rank, world_size=ctx.world_size,
         # On CUDA the per-step label check would stall the host; the data set checks labels there.
         check_labels=device.type != "cuda",
     ).to(device)

@@ -21,6 +21,9 @@ config.sample_rate = 1.0  # fraction of class centres used per step (positives a
 config.interclass_filtering_threshold = 0.0  # 0: off
 # (this project's) the head's memory and the GPU's kernel choice
 config.fc_state_dtype = "float32"  # or "bfloat16": the centres' momentum / Adam moments, stochastically rounded
+# Rows of the global batch whose [rows x sampled classes] logits exist at once (0: all). At 64 GPUs
+# and ~1B identities the whole batch's logits do not fit; 256 does (docs/memory.md).
+config.logits_chunk_rows = 0
 config.cudnn_benchmark = True  # CUDA: torch.backends.cudnn.benchmark, as insightface sets it (fastest conv kernels)
 
 config.fp16 = False  # CUDA: float16 autocast + GradScaler

@@ -39,13 +39,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from losses.chunked_logits import ChunkedMarginSoftmax
 from losses.margin import GlobalBatch, Margin
-from losses.row_chunks import row_slices
+from losses.row_chunks import NORM_EPS, normalised_rows, row_slices
 from losses.row_gradient import DeferredRowGradient, RowGradientSink, embedding_gradient
+from losses.sharded_softmax import is_distributed, softmax_cross_entropy_, softmax_gradient_
 from losses.subcenter import MAX_SUBCENTERS, class_cosines, subcenter_rows
 
-# F.normalize's eps: a centre of norm below it is divided by eps instead.
-_NORM_EPS = 1e-12
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -55,8 +55,7 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return class_start, num_local
 
 
-def _distributed(world_size: int) -> bool:
-    return world_size > 1 and dist.is_available() and dist.is_initialized()
+_distributed = is_distributed
 
 
 class _GatherEmbeddings(torch.autograd.Function):
@@ -105,25 +104,7 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, world_size: int) -> torch.Tensor:
-        distributed = _distributed(world_size)
-        # Masked gather rather than selecting the rows that have a target here: no host sync.
-        valid = labels >= 0
-        cols = labels.clamp_min(0).unsqueeze(1)
-        target = logits.gather(1, cols).squeeze(1).masked_fill_(~valid, 0.0)
-
-        row_max = logits.max(dim=1, keepdim=True).values
-        if distributed:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX)
-            dist.all_reduce(target)  # each row's target lives on exactly one rank
-        logits.sub_(row_max).exp_()
-        sum_exp = logits.sum(dim=1, keepdim=True)
-        if distributed:
-            dist.all_reduce(sum_exp)
-        logits.div_(sum_exp)
-
-        # -log softmax(target) = log(sum exp) + max - target: exact, no clamping of tiny
-        # probabilities (which is where insightface's loss of 69.0776 comes from).
-        loss = (sum_exp.log() + row_max).squeeze(1) - target
+        loss, cols, valid = softmax_cross_entropy_(logits, labels, _distributed(world_size))
         # autograd requires a tensor modified in place to be returned; the softmax is
         # returned as a second, non-differentiable output.
         ctx.mark_dirty(logits)
@@ -136,9 +117,8 @@ class _ShardedSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor, _grad_softmax: torch.Tensor | None = None):
         softmax, cols, valid = ctx.saved_tensors
-        grad = softmax  # reuse the buffer: d loss / d logits = (softmax - onehot) / N
-        grad.scatter_add_(1, cols, valid.to(grad.dtype).unsqueeze(1).neg_())
-        grad.mul_(grad_output / softmax.shape[0])
+        # reuse the buffer: d loss / d logits = (softmax - onehot) / N
+        grad = softmax_gradient_(softmax, cols, valid, grad_output / softmax.shape[0])
         return grad, None, None
 
 
@@ -168,16 +148,7 @@ class _CosineLogits(torch.autograd.Function):
         if sink is not None:
             return _CosineLogits._lean_forward(ctx, embeddings_n, weight, index, low_precision, sink)
         dtype = low_precision or weight.dtype
-        k = weight.shape[0] if index is None else index.numel()
-        centres_n = torch.empty((k, weight.shape[1]), dtype=dtype, device=weight.device)
-        inv_norm = torch.empty((k, 1), dtype=weight.dtype, device=weight.device)
-        # Gather, norm and scale (and cast) piece by piece: the float32 rows of a piece are
-        # the only copy of the centres besides the result.
-        for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device):
-            rows = weight[part] if index is None else weight.index_select(0, index[part])
-            torch.linalg.vector_norm(rows, dim=1, keepdim=True, out=inv_norm[part])
-            inv_norm[part].clamp_min_(_NORM_EPS).reciprocal_()
-            torch.mul(rows, inv_norm[part], out=centres_n[part])
+        centres_n, inv_norm = normalised_rows(weight, index, dtype)
         emb = embeddings_n.to(dtype)
         cosines = torch.mm(emb, centres_n.t())
         # In low precision, for a batch smaller than the embedding size, the matmul's own
@@ -205,7 +176,7 @@ class _CosineLogits(torch.autograd.Function):
         for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device, lean=True):
             rows = weight.index_select(0, index[part])
             torch.linalg.vector_norm(rows, dim=1, keepdim=True, out=inv_norm[part])
-            inv_norm[part].clamp_min_(_NORM_EPS).reciprocal_()
+            inv_norm[part].clamp_min_(NORM_EPS).reciprocal_()
             centres_n = torch.empty(rows.shape, dtype=dtype, device=rows.device)
             torch.mul(rows, inv_norm[part], out=centres_n)
             del rows
@@ -320,6 +291,7 @@ class PartialFC(nn.Module):
         *,
         num_subcenters: int = 1,
         matmul_dtype: torch.dtype | None = None,
+        logits_chunk_rows: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
         check_labels: bool = True,
@@ -344,6 +316,11 @@ class PartialFC(nn.Module):
         # None for the centres' own float32. The margin and the softmax always run in float32.
         self.matmul_dtype = matmul_dtype
         self.rank, self.world_size = rank, world_size
+        integer = isinstance(logits_chunk_rows, int) and not isinstance(logits_chunk_rows, bool)
+        if not integer or logits_chunk_rows < 0:
+            raise ValueError(f"logits_chunk_rows must be an integer >= 0 (0: all rows at once), got {logits_chunk_rows!r}")
+        # Rows of the global batch whose logits exist at once; 0: all of them.
+        self.logits_chunk_rows = logits_chunk_rows
         self.check_labels = check_labels
         self.class_start, self.num_local = shard_range(num_classes, rank, world_size)
         self.num_subcenters = num_subcenters
@@ -355,6 +332,7 @@ class PartialFC(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, rank={self.rank}, "
             f"world_size={self.world_size}, class_start={self.class_start}, num_local={self.num_local}, "
             f"sample_rate={self.sample_rate}, num_subcenters={self.num_subcenters}"
+            + (f", logits_chunk_rows={self.logits_chunk_rows}" if self.logits_chunk_rows else "")
         )
 
     def shard_metadata(self) -> dict:
@@ -452,14 +430,22 @@ class PartialFC(nn.Module):
             index, local_targets = self.sample(local_targets)
             rows = subcenter_rows(index, self.num_subcenters)
 
-        # An optimizer that materialises the sampled rows' gradient itself (losses.optim, with
-        # bfloat16 state) takes it as factors: the step then holds no [k x D] gradient.
-        sink = RowGradientSink.of(self.weight) if rows is not None else None
-        cosines = _CosineLogits.apply(F.normalize(embeddings), self.weight, rows, self.matmul_dtype, sink)
-        cosines = class_cosines(cosines, self.num_subcenters)
-        batch = self._global_batch(embeddings, cosines, local_targets)
-        logits = self.margin_loss(cosines, local_targets, batch)
-        loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
+        if self.logits_chunk_rows and embeddings.shape[0] > self.logits_chunk_rows:
+            # A block of rows at a time (losses/chunked_logits.py): no [N x k] logits.
+            batch = self._global_batch(embeddings, None, local_targets)
+            loss = ChunkedMarginSoftmax.apply(
+                F.normalize(embeddings), self.weight, batch.norms, rows, local_targets, self.margin_loss, batch,
+                self.num_subcenters, self.matmul_dtype, self.world_size, self.logits_chunk_rows,
+            )
+        else:
+            # An optimizer that materialises the sampled rows' gradient itself (losses.optim, with
+            # bfloat16 state) takes it as factors: the step then holds no [k x D] gradient.
+            sink = RowGradientSink.of(self.weight) if rows is not None else None
+            cosines = _CosineLogits.apply(F.normalize(embeddings), self.weight, rows, self.matmul_dtype, sink)
+            cosines = class_cosines(cosines, self.num_subcenters)
+            batch = self._global_batch(embeddings, cosines, local_targets)
+            logits = self.margin_loss(cosines, local_targets, batch)
+            loss, _softmax = _ShardedSoftmaxCrossEntropy.apply(logits, local_targets, self.world_size)
         regularizer = self.margin_loss.regularizer(batch)
         if regularizer is not None:
             if _distributed(self.world_size):
@@ -467,7 +453,8 @@ class PartialFC(nn.Module):
             loss = loss + regularizer
         return loss
 
-    def _global_batch(self, embeddings: torch.Tensor, cosines: torch.Tensor, local_targets: torch.Tensor) -> GlobalBatch:
+    def _global_batch(self, embeddings: torch.Tensor, cosines: torch.Tensor | None,
+                      local_targets: torch.Tensor) -> GlobalBatch:
         """What the margin needs to know about the whole global batch (nothing is computed
         that it does not ask for: the combined margin costs nothing extra)."""
         batch = GlobalBatch(world_size=self.world_size if _distributed(self.world_size) else 1)
@@ -476,7 +463,7 @@ class PartialFC(nn.Module):
             # (at least float32: embeddings from an autocast backbone are half precision).
             wide = embeddings if embeddings.dtype == torch.float64 else embeddings.float()
             batch.norms = torch.linalg.vector_norm(wide, dim=1)
-        if self.margin_loss.needs_target_cosines:
+        if self.margin_loss.needs_target_cosines and cosines is not None:  # (the chunked head computes them)
             target = GlobalBatch.local_target_cosines(cosines, local_targets)
             if _distributed(self.world_size):
                 dist.all_reduce(target)  # each row's target lives on exactly one rank

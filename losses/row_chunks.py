@@ -29,3 +29,25 @@ def row_slices(num_rows: int, row_bytes: int, device: torch.device, lean: bool =
         budget = CPU_CHUNK_BYTES if device.type == "cpu" else ACCELERATOR_CHUNK_BYTES
     step = max(1, budget // max(1, row_bytes))
     return [slice(i, min(i + step, num_rows)) for i in range(0, num_rows, step)]
+
+
+# F.normalize's eps: a centre of norm below it is divided by eps instead.
+NORM_EPS = 1e-12
+
+
+def normalised_rows(weight: torch.Tensor, index: torch.Tensor | None, dtype: torch.dtype):
+    """(centres [k x D] in `dtype`, inv_norm [k x 1] in the weight's dtype): the rows `index`
+    of `weight` (all of it when None) divided by their norms, and 1 / those norms.
+
+    Gathered, normed and scaled (and cast) piece by piece: the float32 rows of a piece are
+    the only copy of the centres besides the result.
+    """
+    k = weight.shape[0] if index is None else index.numel()
+    centres_n = torch.empty((k, weight.shape[1]), dtype=dtype, device=weight.device)
+    inv_norm = torch.empty((k, 1), dtype=weight.dtype, device=weight.device)
+    for part in row_slices(k, weight[0].numel() * weight.element_size(), weight.device):
+        rows = weight[part] if index is None else weight.index_select(0, index[part])
+        torch.linalg.vector_norm(rows, dim=1, keepdim=True, out=inv_norm[part])
+        inv_norm[part].clamp_min_(NORM_EPS).reciprocal_()
+        torch.mul(rows, inv_norm[part], out=centres_n[part])
+    return centres_n, inv_norm

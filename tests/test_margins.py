@@ -35,8 +35,11 @@ MARGINS = {
     "elasticface_arc_plus": ("elasticface_arc", dict(s=16.0, m=0.5, std=0.1, plus=True)),
     "elasticface_cos_plus": ("elasticface_cos", dict(s=16.0, m=0.35, std=0.1, plus=True)),
 }
-# (margin key, num_subcenters, sample_rate)
-HEAD_CASES = [(key, 1, 1.0) for key in MARGINS] + [(key, 3, 0.5) for key in MARGINS]
+# (margin key, num_subcenters, sample_rate, logits_chunk_rows). Chunks of 3 rows split the
+# global batch (4 or 8 rows) into uneven blocks (losses/chunked_logits.py).
+HEAD_CASES = ([(key, 1, 1.0, 0) for key in MARGINS] + [(key, 3, 0.5, 0) for key in MARGINS]
+              + [(key, 1, 1.0, 3) for key in MARGINS] + [(key, 3, 0.5, 3) for key in MARGINS])
+CASE_IDS = [f"{k}-K{n}-rate{r}" + (f"-chunk{c}" if c else "") for k, n, r, c in HEAD_CASES]
 
 
 def _margin(key):
@@ -56,9 +59,9 @@ def _data(step, world_size, num_subcenters):
     return directions * norms.unsqueeze(1), labels, centres
 
 
-def _head(key, num_subcenters, sample_rate, rank, world_size):
+def _head(key, num_subcenters, sample_rate, rank, world_size, chunk_rows=0):
     head = PartialFC(_margin(key), DIM, NUM_CLASSES, sample_rate, num_subcenters=num_subcenters,
-                     rank=rank, world_size=world_size).double()
+                     logits_chunk_rows=chunk_rows, rank=rank, world_size=world_size).double()
     _, _, centres = _data(0, world_size, num_subcenters)
     start, count = shard_range(NUM_CLASSES, rank, world_size)
     with torch.no_grad():
@@ -95,15 +98,15 @@ def _margin_state(head):
 
 def _run_cases(ctx, cases):
     results = {}
-    for key, k, sample_rate in cases:
+    for key, k, sample_rate, chunk in cases:
         torch.manual_seed(100 + ctx.rank)  # ranks sample their negatives independently
-        head = _head(key, k, sample_rate, ctx.rank, ctx.world_size)
-        results[(key, k, sample_rate)] = {"steps": _steps(head, ctx.world_size, ctx.rank, 0, STEPS, k),
+        head = _head(key, k, sample_rate, ctx.rank, ctx.world_size, chunk)
+        results[(key, k, sample_rate, chunk)] = {"steps": _steps(head, ctx.world_size, ctx.rank, 0, STEPS, k),
                                           "state": _margin_state(head)}
     return results
 
 
-def _check_against_reference(per_rank, key, num_subcenters, sample_rate, world_size):
+def _check_against_reference(per_rank, key, num_subcenters, sample_rate, chunk_rows, world_size):
     name, params = MARGINS[key]
     params = {**loss_parameters(name), **params}
     state = ref.initial_state(name, SEED)
@@ -168,12 +171,12 @@ def two_rank_results():
     return run_distributed(_run_cases, 2, HEAD_CASES)
 
 
-@pytest.mark.parametrize("case", HEAD_CASES, ids=[f"{k}-K{n}-rate{r}" for k, n, r in HEAD_CASES])
+@pytest.mark.parametrize("case", HEAD_CASES, ids=CASE_IDS)
 def test_one_process_matches_the_reference(case, single_process_results):
     _check_against_reference([single_process_results[case]], *case, world_size=1)
 
 
-@pytest.mark.parametrize("case", HEAD_CASES, ids=[f"{k}-K{n}-rate{r}" for k, n, r in HEAD_CASES])
+@pytest.mark.parametrize("case", HEAD_CASES, ids=CASE_IDS)
 def test_two_ranks_match_one_process_on_the_global_batch(case, two_rank_results):
     _check_against_reference([r[case] for r in two_rank_results], *case, world_size=2)
 

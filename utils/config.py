@@ -257,6 +257,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise ConfigError(f"{where}: precision must be 'auto', 'fp32', 'bf16' or 'fp16', got {cfg.precision!r}")
     if cfg.fc_state_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"{where}: fc_state_dtype must be 'float32' or 'bfloat16', got {cfg.fc_state_dtype!r}")
+    chunk = cfg.logits_chunk_rows
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ConfigError(f"{where}: logits_chunk_rows must be an integer >= 0 (0: all rows at once), got {chunk!r}")
     if cfg.lr <= 0:
         raise ConfigError(f"{where}: lr must be positive, got {cfg.lr}")
     if not isinstance(cfg.val_targets, (list, tuple)) or not all(isinstance(t, str) for t in cfg.val_targets):
