@@ -35,6 +35,7 @@ from losses.row_chunks import (  # noqa: E402
 )
 
 GiB = 2**30
+CHUNK_ROWS = 256  # the logits_chunk_rows of the capacity table's chunked columns
 STATE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -48,10 +49,9 @@ class Head:
     optimizer: str = "sgd"  # or "adamw"
     fc_state_dtype: str = "float32"
     device: str = "cuda"
-    # Rows of the logits alive at once. None: the whole global batch, as losses.partial_fc
-    # computes them today; a smaller number models logits computed in batch chunks (a design
-    # this project does not have) to show what it would buy.
-    logit_rows: int | None = None
+    # PartialFC's logits_chunk_rows: rows of the global batch whose logits are alive at once
+    # (losses/chunked_logits.py); 0 (or >= the global batch): all of them.
+    logits_chunk_rows: int = 0
 
     @property
     def sampled(self) -> int:
@@ -59,10 +59,14 @@ class Head:
         return self.num_local if self.sample_rate >= 1.0 else max(1, int(self.sample_rate * self.num_local))
 
     @property
+    def chunked(self) -> bool:
+        return 0 < self.logits_chunk_rows < self.global_batch
+
+    @property
     def deferred(self) -> bool:
         """The sampled rows' gradient kept as factors until the optimizer step (losses.optim
-        asks for it for bfloat16 state)."""
-        return self.fc_state_dtype != "float32" and self.sample_rate < 1.0
+        asks for it for bfloat16 state; the chunked head materialises it)."""
+        return self.fc_state_dtype != "float32" and self.sample_rate < 1.0 and not self.chunked
 
     @property
     def lean_chunk_rows(self) -> int:
@@ -96,8 +100,7 @@ def persistent_bytes(h: Head) -> int:
 
 def step_phases(h: Head) -> dict[str, int]:
     """Bytes above the persistent part at the peak of each phase of a step."""
-    C, k, D, d = h.num_local, h.sampled, h.embedding_size, h.matmul_bytes
-    N = min(h.global_batch, h.logit_rows or h.global_batch)  # rows of the [N x k] logits
+    C, k, N, D, d = h.num_local, h.sampled, h.global_batch, h.embedding_size, h.matmul_bytes
     low = d < 4
     piece = min(k, h.chunk_rows) * D  # elements of one piece
     centres_n = k * D * d  # normalised sampled centres, in the matmul dtype (saved for backward)
@@ -110,6 +113,9 @@ def step_phases(h: Head) -> dict[str, int]:
         phases["sample"] = embeddings + 5 * C + 20 * k
     if h.deferred:
         phases.update(_deferred_phases(h, embeddings))
+        return phases
+    if h.chunked:
+        phases.update(_chunked_phases(h, embeddings, centres_n, piece))
         return phases
     # Gathering and normalising piece by piece: one float32 piece beside the result.
     phases["normalise"] = embeddings + centres_n + 4 * piece
@@ -133,8 +139,7 @@ def _deferred_phases(h: Head, embeddings: int) -> dict[str, int]:
     """The phases when the sampled rows' gradient is kept as factors (losses.row_gradient:
     bfloat16 state with sampling): no normalised copy of all sampled centres, no [k x D]
     gradient; every piece is a lean one."""
-    k, D, d = h.sampled, h.embedding_size, h.matmul_bytes
-    N = min(h.global_batch, h.logit_rows or h.global_batch)
+    k, N, D, d = h.sampled, h.global_batch, h.embedding_size, h.matmul_bytes
     low = d < 4
     piece = min(k, h.lean_chunk_rows) * D
     kept_cosines = N * k * d if low and N < D else 0
@@ -152,6 +157,31 @@ def _deferred_phases(h: Head, embeddings: int) -> dict[str, int]:
         # normalised copy, the materialised gradient (matmul output and float32), the
         # widened state and its stored copy.
         "optimizer": N * k * d + N * D * d + _optimizer_piece_bytes(h, piece) + piece * (4 + 2 * d),
+    }
+
+
+def _chunked_phases(h: Head, embeddings: int, centres_n: int, piece: int) -> dict[str, int]:
+    """The phases of the head that computes the loss and both gradients a block of
+    `logits_chunk_rows` rows at a time in its forward (losses/chunked_logits.py): the
+    gradients of the embeddings (float32 [N x D]) and of the sampled centres (float32
+    [k x D]) are kept from the first block to the optimizer step; no [N x k] matrix exists."""
+    k, N, D, d = h.sampled, h.global_batch, h.embedding_size, h.matmul_bytes
+    c, low = h.logits_chunk_rows, d < 4
+    lean = min(k, h.lean_chunk_rows) * D  # elements of a lean piece
+    kept = embeddings + 4 * N * D + centres_n + 4 * k * D
+    return {
+        "normalise": embeddings + centres_n + 4 * piece,
+        # One block at the end of its backward (autograd inside the forward): the matmul's
+        # output (the leaf), its float32 working copy (margin, softmax and then the logits'
+        # gradient, in place; a float32 leaf is cloned), the new gradients of `logits.mul_(s)`
+        # and of the target's `index_put_`, and the leaf's gradient.
+        "block": kept + c * k * (2 * d + 12),
+        # The block's share of the centres' gradient: leaf, its gradient (scaled in place) and,
+        # per lean piece, the matmul's result and its float32 widening for the sum.
+        "centre gradient": kept + c * k * 2 * d + lean * (d + 4 if low else 4),
+        # The projection of the summed gradient, per lean piece: the widened centres.
+        "projection": kept + 4 * lean,
+        "optimizer": 4 * k * D + _optimizer_piece_bytes(h, piece),
     }
 
 
@@ -214,7 +244,8 @@ def _measure_case(case: dict) -> int | None:
             step, keep = _build("reference", case["num_local"], case["sample_rate"], low, device)
         else:
             head = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), EMBEDDING, case["num_local"],
-                             case["sample_rate"], matmul_dtype=low, check_labels=False).to(device)
+                             case["sample_rate"], matmul_dtype=low, check_labels=False,
+                             logits_chunk_rows=case.get("logits_chunk_rows", 0)).to(device)
             optimizer = build_optimizer(case["optimizer"], [], head.parameters(), lr=0.1, weight_decay=5e-4,
                                         device_type=device.type, fc_state_dtype=case["fc_state_dtype"])
             keep = (head, optimizer)
@@ -262,6 +293,10 @@ def validation_cases(full: bool, device: str) -> list[tuple[str, dict]]:
         ("AdamW, bfloat16 state", dict(optimizer="adamw", fc_state_dtype="bfloat16")),
         ("SGD, bfloat16 state, no sampling", dict(sample_rate=1.0, fc_state_dtype="bfloat16")),
         ("SGD, batch 2048 (logits dominate)", dict(num_local=100_000, sample_rate=0.3, global_batch=2048)),
+        ("the same, logits_chunk_rows=256", dict(num_local=100_000, sample_rate=0.3, global_batch=2048,
+                                                 logits_chunk_rows=256)),
+        ("the same, bfloat16 state", dict(num_local=100_000, sample_rate=0.3, global_batch=2048,
+                                          logits_chunk_rows=256, fc_state_dtype="bfloat16")),
         ("SGD, fp32 matmul, batch 512", dict(matmul_bytes=4, global_batch=512)),
         ("reference (dense, insightface)", dict(impl="reference")),
     ]
@@ -355,13 +390,13 @@ class Allowance:
 
 
 def max_identities(gpus: int, gpu_bytes: int, *, sample_rate=0.1, optimizer="sgd", fc_state_dtype="float32",
-                   allowance: Allowance = Allowance(), embedding_size=512, logit_rows=None) -> int:
+                   allowance: Allowance = Allowance(), embedding_size=512, logits_chunk_rows=0) -> int:
     """The most classes (all ranks together) whose head fits next to the allowance on every rank."""
     budget = gpu_bytes - allowance.total()
 
     def fits(num_local: int) -> bool:
         h = Head(num_local, sample_rate, allowance.batch * gpus, embedding_size, 2, optimizer, fc_state_dtype, "cuda",
-                 logit_rows)
+                 logits_chunk_rows)
         return head_peak(h)[0] <= budget
 
     if budget <= 0 or not fits(1):
@@ -386,7 +421,7 @@ def largest_sample_rate(identities: int, gpus: int, gpu_bytes: int, **kw) -> flo
     return lo
 
 
-def capacity_table(sample_rate: float = 0.1) -> str:
+def capacity_table(sample_rate: float = 0.1, logits_chunk_rows: int = 0) -> str:
     combos = [("sgd", "float32"), ("sgd", "bfloat16"), ("adamw", "float32"), ("adamw", "bfloat16")]
     lines = [
         "| GPUs | GPU | " + " | ".join(f"{o.upper() if o == 'sgd' else 'AdamW'} {s}" for o, s in combos) + " |",
@@ -394,8 +429,8 @@ def capacity_table(sample_rate: float = 0.1) -> str:
     ]
     for gpus in (8, 64):
         for name, size in GPU_BYTES.items():
-            cells = [max_identities(gpus, size, sample_rate=sample_rate, optimizer=o, fc_state_dtype=s)
-                     for o, s in combos]
+            cells = [max_identities(gpus, size, sample_rate=sample_rate, optimizer=o, fc_state_dtype=s,
+                                    logits_chunk_rows=logits_chunk_rows) for o, s in combos]
             lines.append(f"| {gpus} | {name} | " + " | ".join(_millions(c) for c in cells) + " |")
     return "\n".join(lines)
 
@@ -414,9 +449,10 @@ def goals() -> list[str]:
             lines.append(f"{gpus} x {size}, SGD {dtype} state, rate 0.1: {got / 1e6:,.0f}M identities "
                          f"(goal {target / 1e6:,.0f}M: {'holds' if got >= target else 'misses'}); "
                          f"{target / 1e6:,.0f}M fit up to sample rate {rate:.4f}")
-    chunked = max_identities(64, GPU_BYTES["80 GB"], fc_state_dtype="bfloat16", logit_rows=256)
-    lines.append(f"64 x 80 GB, SGD bfloat16 state, rate 0.1, logits in chunks of 256 embeddings (not implemented): "
-                 f"{chunked / 1e6:,.0f}M identities")
+    for dtype in ("float32", "bfloat16"):
+        chunked = max_identities(64, GPU_BYTES["80 GB"], fc_state_dtype=dtype, logits_chunk_rows=CHUNK_ROWS)
+        lines.append(f"64 x 80 GB, SGD {dtype} state, rate 0.1, logits_chunk_rows={CHUNK_ROWS}: "
+                     f"{chunked / 1e6:,.0f}M identities (goal 1,000M: {'holds' if chunked >= 1e9 else 'misses'})")
     return lines
 
 
@@ -442,6 +478,8 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.table or not args.validate:
         print(capacity_table())
+        print(f"\nwith logits_chunk_rows={CHUNK_ROWS}:")
+        print(capacity_table(logits_chunk_rows=CHUNK_ROWS))
         print("\n".join(goals()))
 
 

@@ -127,7 +127,9 @@ def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, 
     want_norms = need[2] and norms is not None
     grad_norms = torch.zeros_like(norms, dtype=torch.float32) if want_norms else None
     loss_rows = torch.empty(n, dtype=logits_dtype, device=emb.device)
-    pieces = row_slices(centres_n.shape[0], centres_n[0].numel() * 4, centres_n.device)
+    # Lean pieces (losses.row_chunks): a piece's product in the matmul dtype and its float32
+    # widening, which adding it to the float32 sum makes, are the accumulation's temporaries.
+    pieces = row_slices(centres_n.shape[0], centres_n[0].numel() * 4, centres_n.device, lean=True)
     inv_t = inv_norm.view(1, -1).to(dtype)
     for part in row_blocks(n, chunk_rows):
         with torch.no_grad():
@@ -162,8 +164,10 @@ def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, 
                 grad_centres[piece].add_(torch.mm(scaled[:, piece].t(), emb[part]))
         del grad_cos, grads, raw, leaf
     if grad_centres is not None:
-        # (g - c <g, c>) / |w|: the 1/|w| is already in; the projection once, on the sum.
+        # (g - c <g, c>) / |w|: the 1/|w| is already in; the projection once, on the sum, in
+        # lean pieces (a piece's widened centres are its only temporary).
         for piece in pieces:
             g, c = grad_centres[piece], centres_n[piece].to(grad_centres.dtype)
-            g.addcmul_(c, (g * c).sum(dim=1, keepdim=True), value=-1.0)
+            dots = torch.bmm(g.unsqueeze(1), c.unsqueeze(2)).squeeze(2)  # <g_i, c_i> without a g * c temporary
+            g.addcmul_(c, dots, value=-1.0)
     return loss_rows.mean(), grad_emb, grad_centres, grad_norms
