@@ -53,6 +53,8 @@ from bench.common import (  # noqa: E402
 
 EMBEDDING = 512
 IMPLS = ("ours", "reference")
+# ours with logits_chunk_rows (losses/chunked_logits.py): the part that measures what chunking costs.
+CHUNKED = "ours_chunked"
 
 
 def _sample(local_targets, num_local: int, num_sample: int):
@@ -70,7 +72,7 @@ def _sample(local_targets, num_local: int, num_sample: int):
 
 
 def _build(impl: str, num_classes: int, sample_rate: float, low_precision, device, loss: str = "combined",
-           num_subcenters: int = 1, fc_state_dtype: str = "float32"):
+           num_subcenters: int = 1, fc_state_dtype: str = "float32", logits_chunk_rows: int = 0):
     """(step(embeddings, labels) -> loss, modules to keep alive)."""
     import torch
     import torch.nn.functional as F
@@ -79,9 +81,10 @@ def _build(impl: str, num_classes: int, sample_rate: float, low_precision, devic
     from losses.optim import build_optimizer
 
     margin = CombinedMarginLoss(64.0, 1.0, 0.5, 0.0) if loss == "combined" else get_margin(loss)
-    if impl == "ours":
+    if impl in ("ours", CHUNKED):
         head = PartialFC(margin, EMBEDDING, num_classes, sample_rate, matmul_dtype=low_precision,
-                         num_subcenters=num_subcenters, check_labels=False).to(device)
+                         num_subcenters=num_subcenters, check_labels=False,
+                         logits_chunk_rows=logits_chunk_rows if impl == CHUNKED else 0).to(device)
         optimizer = build_optimizer("sgd", [], head.parameters(), lr=0.1, weight_decay=5e-4, device_type=device.type,
                                     fc_state_dtype=fc_state_dtype)
         no_inf = torch.zeros((), device=device)
@@ -126,7 +129,7 @@ def estimate_bytes(impl: str, num_classes: int, sample_rate: float, batch: int, 
     shard = num_classes * num_subcenters * EMBEDDING * 4
     sampled = max(1, int(sample_rate * num_classes)) * num_subcenters
     logits = batch * sampled * 4
-    if impl == "ours":
+    if impl in ("ours", CHUNKED):  # (an over-estimate for the chunked head: only a guard)
         momentum = shard // 2 if fc_state_dtype == "bfloat16" else shard
         if sample_rate >= 1.0:  # weight, dense gradient, momentum; normalised centres; logits
             return int(2 * shard + momentum + sampled * EMBEDDING * 2 + 3 * logits)
@@ -137,7 +140,7 @@ def estimate_bytes(impl: str, num_classes: int, sample_rate: float, batch: int, 
 
 def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, steps: int, warmup: int,
              device_name: str, seed: int = 0, loss: str = "combined", num_subcenters: int = 1,
-             fc_state_dtype: str = "float32") -> dict:
+             fc_state_dtype: str = "float32", logits_chunk_rows: int = 0) -> dict:
     import torch
 
     device = resolve_device(device_name)
@@ -149,10 +152,12 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
         for _ in range(warmup + steps)
     ]
     inputs = [(e.to(device), l.to(device)) for e, l in inputs]
-    fc_state_dtype = fc_state_dtype if impl == "ours" else "float32"
+    fc_state_dtype = fc_state_dtype if impl != "reference" else "float32"
     result = {"impl": impl, "num_classes": num_classes, "sample_rate": sample_rate, "batch": batch,
               "precision": precision.name, "loss": loss, "num_subcenters": num_subcenters,
               "fc_state_dtype": fc_state_dtype}
+    if impl == CHUNKED:
+        result["logits_chunk_rows"] = logits_chunk_rows
     if device.type == "cpu":
         # Swapping, or the kernel's OOM killer picking another process, would be worse than a gap.
         needed = estimate_bytes(impl, num_classes, sample_rate, batch, num_subcenters, fc_state_dtype)
@@ -165,7 +170,7 @@ def run_case(impl: str, num_classes: int, sample_rate: float, *, batch: int, ste
     try:
         with PeakMemory(device) as memory:
             step, keep = _build(impl, num_classes, sample_rate, precision.autocast_dtype, device, loss, num_subcenters,
-                                fc_state_dtype)
+                                fc_state_dtype, logits_chunk_rows)
             times, losses = [], []
             for i, (emb, labels) in enumerate(inputs):
                 emb = emb.clone().requires_grad_()
@@ -189,7 +194,7 @@ def _case_in_subprocess(impl, num_classes, sample_rate, args, loss="combined", n
         sys.executable, str(Path(__file__).resolve()), "--case", impl, str(num_classes), str(sample_rate),
         "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--device", args.device, "--loss", loss, "--num-subcenters", str(num_subcenters),
-        "--fc-state-dtype", args.fc_state_dtype,
+        "--fc-state-dtype", args.fc_state_dtype, "--logits-chunk-rows", str(getattr(args, "logits_chunk_rows", 0)),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -201,7 +206,7 @@ def _case_in_subprocess(impl, num_classes, sample_rate, args, loss="combined", n
 
 
 def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=1, device="cpu", log=print,
-        fc_state_dtype="float32") -> dict:
+        fc_state_dtype="float32", impls=IMPLS, logits_chunk_rows=0) -> dict:
     """All cases; on a CPU each in its own process (honest peaks), on CUDA in this one.
 
     With rounds > 1, ours and the reference alternate that many times per case and their
@@ -210,18 +215,19 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
     import torch
 
     dev = resolve_device(device)
-    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), fc_state_dtype=fc_state_dtype)
+    args = argparse.Namespace(steps=steps, warmup=warmup, device=str(dev), fc_state_dtype=fc_state_dtype,
+                              logits_chunk_rows=logits_chunk_rows)
     cases = []
     for batch in batch_sizes:
         for c in classes:
             for sr in sample_rates:
-                runs = {impl: [] for impl in IMPLS}
+                runs = {impl: [] for impl in impls}
                 for _ in range(rounds):
-                    for impl in IMPLS:
+                    for impl in impls:
                         start = time.perf_counter()
                         if dev.type == "cuda":
                             r = run_case(impl, c, sr, batch=batch, steps=steps, warmup=warmup, device_name=str(dev),
-                                         fc_state_dtype=fc_state_dtype)
+                                         fc_state_dtype=fc_state_dtype, logits_chunk_rows=logits_chunk_rows)
                             torch.cuda.empty_cache()
                         else:
                             args.batch_size = batch
@@ -231,7 +237,7 @@ def run(classes, sample_rates, *, batch_sizes=(128,), steps=4, warmup=2, rounds=
                 cases += [_pool(results) for results in runs.values()]
     return {"cases": cases, "classes": list(classes), "sample_rates": list(sample_rates), "rounds": rounds,
             "batch_sizes": list(batch_sizes), "embedding_size": EMBEDDING, "steps": steps, "warmup": warmup,
-            "fc_state_dtype": fc_state_dtype}
+            "fc_state_dtype": fc_state_dtype, "impls": list(impls), "logits_chunk_rows": logits_chunk_rows}
 
 
 def run_losses(losses, classes, sample_rates, *, batch=128, steps=4, warmup=2, num_subcenters=1, device="cpu",
@@ -360,6 +366,35 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def format_chunked_table(result: dict) -> str:
+    """Ours with and without logits_chunk_rows (and the reference), per (batch, classes, rate)."""
+    by_key = {(r["batch"], r["num_classes"], r["sample_rate"], r["impl"]): r for r in result["cases"]}
+
+    def cells(r):
+        if r is None or "skipped" in r:
+            return ["skipped" if r else "-", "-"]
+        return [f"{1000 * r['min_s']:.0f}", f"{r['peak_bytes'] / 2**30:.2f}" if r.get("peak_bytes") else "-"]
+
+    def ratio(a, b, key):
+        ok = all(x is not None and "skipped" not in x and x.get(key) for x in (a, b))
+        return f"{a[key] / b[key]:.2f}x" if ok else "-"
+
+    chunk = result.get("logits_chunk_rows")
+    lines = [
+        f"| batch | classes | sample rate | ours ms/step | chunked ({chunk} rows) ms/step | time chunked/ours | "
+        "ours peak GiB | chunked peak GiB | memory chunked/ours | reference ms/step | reference peak GiB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for batch in result["batch_sizes"]:
+        for c in result["classes"]:
+            for sr in result["sample_rates"]:
+                o, ch, ref = (by_key.get((batch, c, sr, impl)) for impl in ("ours", CHUNKED, "reference"))
+                (om, og), (cm, cg), (rm, rg) = cells(o), cells(ch), cells(ref)
+                lines.append(f"| {batch} | {c:,} | {sr} | {om} | {cm} | {ratio(ch, o, 'min_s')} | {og} | {cg} | "
+                             f"{ratio(ch, o, 'peak_bytes')} | {rm} | {rg} |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path_png: str, title_suffix: str = "") -> None:
     """Samples/s and peak memory against the class count, one line per (impl, rate); two panels in one PNG."""
     from eval.plot import line_plots
@@ -402,6 +437,8 @@ def main() -> None:
     parser.add_argument("--num-subcenters", type=int, default=1, help="with --loss: sub-centres per class")
     parser.add_argument("--fc-state-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of ours' momentum (the reference keeps float32)")
+    parser.add_argument("--logits-chunk-rows", type=int, default=0,
+                        help="also time ours with this logits_chunk_rows (impl ours_chunked)")
     parser.add_argument("--case", nargs=3, metavar=("IMPL", "CLASSES", "RATE"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -410,7 +447,7 @@ def main() -> None:
         impl, c, sr = args.case[0], int(args.case[1]), float(args.case[2])
         r = run_case(impl, c, sr, batch=args.batch_size[0], steps=args.steps, warmup=args.warmup,
                      device_name=args.device, loss=(args.loss or ["combined"])[0], num_subcenters=args.num_subcenters,
-                     fc_state_dtype=args.fc_state_dtype)
+                     fc_state_dtype=args.fc_state_dtype, logits_chunk_rows=args.logits_chunk_rows)
         print(json.dumps(r))
         return
     if args.quick:
@@ -429,9 +466,13 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return
+    impls = (*IMPLS, CHUNKED) if args.logits_chunk_rows > 0 else IMPLS
     result = run(args.classes, args.sample_rates, batch_sizes=args.batch_size, steps=args.steps,
-                 warmup=args.warmup, rounds=args.rounds, device=args.device, fc_state_dtype=args.fc_state_dtype)
+                 warmup=args.warmup, rounds=args.rounds, device=args.device, fc_state_dtype=args.fc_state_dtype,
+                 impls=impls, logits_chunk_rows=args.logits_chunk_rows)
     print(format_table(result))
+    if CHUNKED in impls:
+        print(format_chunked_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

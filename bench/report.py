@@ -385,6 +385,21 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
             "",
         ]
 
+    if "partial_fc_chunked" in result:
+        chunked = result["partial_fc_chunked"]
+        lines += [
+            "### (b3) PartialFC with the logits a block of rows at a time",
+            "",
+            *_measured(chunked, info, result),
+            f"As (b) at a large global batch (what every rank sees: batch per GPU x GPUs), ours also with "
+            f"`logits_chunk_rows={chunked.get('logits_chunk_rows')}` (losses/chunked_logits.py: the loss and both "
+            "gradients computed a block of rows at a time in the forward, no [batch x sampled classes] logits; "
+            "docs/memory.md). This is what lets 1B identities fit 64 GPUs of 80 GB.",
+            "",
+            bench_partial_fc.format_chunked_table(chunked),
+            "",
+        ]
+
     if "inference" in result:
         lines += [
             "### (c) Inference",

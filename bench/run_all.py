@@ -43,6 +43,10 @@ PLANS = {
         # fc_state_dtype="bfloat16" (issue 15's ratios) at the goal's size only.
         "partial_fc_bf16_state": dict(classes=[1_000_000], sample_rates=[0.1], batch_sizes=[128], steps=3, warmup=1,
                                       rounds=2),
+        # logits_chunk_rows at a global batch of 2048 (16 GPUs x 128): what computing the logits a
+        # block of rows at a time costs and saves, against the whole batch's logits.
+        "partial_fc_chunked": dict(classes=[300_000], sample_rates=[0.1], batch_sizes=[2048], steps=3, warmup=1,
+                                   logits_chunk_rows=256),
         "inference": dict(models=["mbf", "r18", "r50"], batch=32, batches=5, warmup=1),
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
@@ -52,6 +56,9 @@ PLANS = {
         "partial_fc": dict(classes=[100_000, 1_000_000, 2_000_000, 4_000_000], sample_rates=[1.0, 0.3, 0.1],
                            batch_sizes=[128, 1024], steps=8, warmup=2),
         "partial_fc_bf16_state": dict(classes=[1_000_000], sample_rates=[0.1], batch_sizes=[128], steps=8, warmup=2),
+        # 64 GPUs x 128: the global batch of issue 15's 1B identities.
+        "partial_fc_chunked": dict(classes=[1_000_000], sample_rates=[0.1], batch_sizes=[8192], steps=6, warmup=2,
+                                   logits_chunk_rows=256),
         "inference": dict(models=["mbf", "r18", "r50"], batch=128, batches=6, warmup=2),
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
@@ -60,11 +67,13 @@ PLANS = {
                       paths=["reference", "insightface", "default"]),
         "partial_fc": dict(classes=[5_000, 20_000], sample_rates=[1.0, 0.1], batch_sizes=[64], steps=2, warmup=1),
         "partial_fc_bf16_state": dict(classes=[20_000], sample_rates=[0.1], batch_sizes=[64], steps=2, warmup=1),
+        "partial_fc_chunked": dict(classes=[20_000], sample_rates=[0.1], batch_sizes=[256], steps=2, warmup=1,
+                                   logits_chunk_rows=64),
         "inference": dict(models=["mbf"], batch=8, batches=2, warmup=1),
         "data": dict(num_images=300, workers=(0, 1)),
     },
 }
-SUITES = ("train", "partial_fc", "partial_fc_bf16_state", "inference", "data")
+SUITES = ("train", "partial_fc", "partial_fc_bf16_state", "partial_fc_chunked", "inference", "data")
 
 
 def results_path(device_kind: str, quick: bool) -> Path:
@@ -119,6 +128,15 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
                                     warmup=p["warmup"], rounds=p.get("rounds", 1), device=str(device), log=log,
                                     fc_state_dtype="bfloat16")
 
+    def partial_fc_chunked():
+        p = plan["partial_fc_chunked"]
+        log(f"[partial_fc_chunked] classes {p['classes']} rates {p['sample_rates']} batch {p['batch_sizes']} "
+            f"logits_chunk_rows {p['logits_chunk_rows']}")
+        return bench_partial_fc.run(p["classes"], p["sample_rates"], batch_sizes=p["batch_sizes"], steps=p["steps"],
+                                    warmup=p["warmup"], rounds=p.get("rounds", 1), device=str(device), log=log,
+                                    impls=(*bench_partial_fc.IMPLS, bench_partial_fc.CHUNKED),
+                                    logits_chunk_rows=p["logits_chunk_rows"])
+
     def inference():
         p = plan["inference"]
         log(f"[inference] {p['models']} batch {p['batch']}")
@@ -131,7 +149,7 @@ def run_suite(device, plan: dict, only, save, log=print) -> dict:
         return bench_data.run(p["num_images"], workers=tuple(p["workers"]))
 
     parts = {"train": train, "partial_fc": partial_fc, "partial_fc_bf16_state": partial_fc_bf16_state,
-             "inference": inference, "data": data}
+             "partial_fc_chunked": partial_fc_chunked, "inference": inference, "data": data}
     results = {}
     for name in SUITES:
         if name not in only:

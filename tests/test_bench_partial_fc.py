@@ -72,3 +72,32 @@ def test_the_suite_measures_bfloat16_state_and_the_page_judges_its_goals(tmp_pat
     status = "PASS" if ratio <= 0.40 else "MISS"
     assert f"| PartialFC 1M classes, rate 0.1, bfloat16 state: peak memory | <= 0.40x dense | {ratio:.3f}x" in md
     assert status in md.split("bfloat16 state: peak memory", 1)[1].splitlines()[0]
+
+
+def test_the_suite_measures_the_chunked_head_and_the_page_shows_it(tmp_path):
+    import json
+
+    import torch
+
+    from bench import report, run_all
+
+    plan = {"partial_fc_chunked": dict(classes=[2_000], sample_rates=[0.5], batch_sizes=[64], steps=1, warmup=1,
+                                       logits_chunk_rows=16)}
+    results = run_all.run_suite(torch.device("cpu"), plan, ["partial_fc_chunked"], lambda _: None,
+                                log=lambda *_: None)
+    part = results["partial_fc_chunked"]
+    assert "error" not in part, part
+    by_impl = {c["impl"]: c for c in part["cases"]}
+    assert set(by_impl) == {"ours", "reference", "ours_chunked"}
+    assert by_impl["ours_chunked"]["logits_chunk_rows"] == 16  # the measuring process was given the option
+    assert "logits_chunk_rows" not in by_impl["ours"]
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "cpu_avx512_bf16.json").write_text(json.dumps({
+        "partial_fc_chunked": part, "machine": {"date": "d", "cpu": "x", "cpu_cores": 2}}))
+    md = report.render(folder, tmp_path / "docs").read_text()
+    assert "### (b3) PartialFC with the logits a block of rows at a time" in md
+    ours, chunked = by_impl["ours"], by_impl["ours_chunked"]
+    row = [line for line in md.splitlines() if line.startswith("| 64 | 2,000 | 0.5 |") and "x |" in line][-1]
+    assert f"| {chunked['min_s'] / ours['min_s']:.2f}x |" in row
+    assert f"| {chunked['peak_bytes'] / ours['peak_bytes']:.2f}x |" in row
