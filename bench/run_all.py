@@ -46,7 +46,7 @@ PLANS = {
         # logits_chunk_rows at a global batch of 2048 (16 GPUs x 128): what computing the logits a
         # block of rows at a time costs and saves, against the whole batch's logits.
         "partial_fc_chunked": dict(classes=[300_000], sample_rates=[0.1], batch_sizes=[2048], steps=3, warmup=1,
-                                   logits_chunk_rows=256),
+                                   rounds=2, logits_chunk_rows=256),
         "inference": dict(models=["mbf", "r18", "r50"], batch=32, batches=5, warmup=1),
         "data": dict(num_images=3000, workers=(0, 1, 2)),
     },
