@@ -477,6 +477,7 @@ def _open_output(cfg: Config, ctx: DistContext, logger, state, precision: Precis
         ctx.world_size, ctx.backend or "single process", ctx.device, cfg.batch_size * ctx.world_size * cfg.gradient_acc,
         state.plan.steps_per_epoch, state.total_steps, state.plan.warmup_steps, precision.name,
     )
+    logger.info("head (rank 0's shard): PartialFC(%s) with %s", state.head.extra_repr(), state.head.margin_loss)
     for term in state.aux_losses:
         logger.info("auxiliary loss term %s: %s", term.name, term.extra_repr())
     for note in notes:

@@ -51,15 +51,17 @@ def _calibrated(model):
     return model.eval()
 
 
+@pytest.mark.parametrize("logits_chunk_rows", [0, 7])  # 7: the chunked head, uneven blocks
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
-def test_partial_fc_and_sampled_sgd_step_on_cuda_match_cpu(sample_rate):
+def test_partial_fc_and_sampled_sgd_step_on_cuda_match_cpu(sample_rate, logits_chunk_rows):
     from losses import CombinedMarginLoss, PartialFC
     from losses.optim import build_optimizer
 
     results = []
     for device in ("cpu", "cuda"):
         torch.manual_seed(0)
-        head = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 64, 1000, sample_rate, check_labels=device == "cpu")
+        head = PartialFC(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 64, 1000, sample_rate, check_labels=device == "cpu",
+                         logits_chunk_rows=logits_chunk_rows)
         head = head.to(device)
         embeddings = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
         labels = torch.randint(0, 1000, (32,), generator=torch.Generator().manual_seed(2)).to(device)

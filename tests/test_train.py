@@ -101,9 +101,12 @@ def test_torchrun_two_processes_train_checkpoint_resume_and_export(rec, tmp_path
 
 def test_python_single_process_run(rec, tmp_path):
     out = tmp_path / "single"
-    _train([PYTHON], rec, out, "--num_epoch=1", "--batch_size=8", "--val_targets=[]")
+    # Blocks of 5 rows of the batch of 8 (losses/chunked_logits.py): the key reaches the head.
+    _train([PYTHON], rec, out, "--num_epoch=1", "--batch_size=8", "--val_targets=[]", "--logits_chunk_rows=5")
     log = (out / "training.log").read_text()
     assert "world size 1 (single process" in log and "step 6/6" in log
+    assert json.loads((out / "config.json").read_text())["logits_chunk_rows"] == 5
+    assert "logits_chunk_rows=5" in log  # the head's own description
     _load_model(out / "model.pt")
     assert (out / "model.onnx").stat().st_size > 0
 
