@@ -130,7 +130,7 @@ def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, 
     # Lean pieces (losses.row_chunks): a piece's product in the matmul dtype and its float32
     # widening, which adding it to the float32 sum makes, are the accumulation's temporaries.
     pieces = row_slices(centres_n.shape[0], centres_n[0].numel() * 4, centres_n.device, lean=True)
-    inv_t = inv_norm.view(1, -1).to(dtype)
+    inv_t = inv_norm.view(1, -1)  # float32: the product is rounded once, into the gradient's dtype
     for part in row_blocks(n, chunk_rows):
         with torch.no_grad():
             raw = torch.mm(emb[part], centres_n.t())  # [rows x k] in the matmul dtype
