@@ -28,6 +28,10 @@ draws) stays equal on every rank and the loss is the single-process loss of the 
 batch. A regulariser every rank computes from the whole batch (MagFace's) gets its
 gradient divided by the world size: the all-gather's backward sums the ranks' gradients.
 
+With logits_chunk_rows = c (0 < c < N) the cosines, margin, softmax and both gradients are
+computed c rows of the global batch at a time in the forward (losses/chunked_logits.py): the
+[N x k] logits never exist, which at 64 GPUs is what decides how many identities fit.
+
 With num_subcenters = K (sub-center ArcFace) `weight` holds K rows per class, row c*K + k
 for sub-centre k of local class c; a class's cosine is the max over its sub-centres
 (losses.subcenter), and sampling keeps or drops a class's K rows together.
@@ -45,7 +49,6 @@ from losses.row_chunks import NORM_EPS, normalised_rows, row_slices
 from losses.row_gradient import DeferredRowGradient, RowGradientSink, embedding_gradient
 from losses.sharded_softmax import is_distributed, softmax_cross_entropy_, softmax_gradient_
 from losses.subcenter import MAX_SUBCENTERS, class_cosines, subcenter_rows
-
 
 
 def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
