@@ -177,8 +177,9 @@ def _chunked_phases(h: Head, embeddings: int, centres_n: int, piece: int) -> dic
         # and of the target's `index_put_`, and the leaf's gradient.
         "block": kept + c * k * (2 * d + 12),
         # The block's share of the centres' gradient: leaf, its gradient (scaled in place) and,
-        # per lean piece, the matmul's result and its float32 widening for the sum.
-        "centre gradient": kept + c * k * 2 * d + lean * (d + 4 if low else 4),
+        # in low precision, per lean piece the matmul's result and its float32 widening for the
+        # sum (a float32 matmul accumulates into the sum itself).
+        "centre gradient": kept + c * k * 2 * d + (lean * (d + 4) if low else 0),
         # The projection of the summed gradient, per lean piece: the widened centres.
         "projection": kept + 4 * lean,
         "optimizer": 4 * k * D + _optimizer_piece_bytes(h, piece),

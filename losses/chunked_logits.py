@@ -127,7 +127,7 @@ def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, 
     want_norms = need[2] and norms is not None
     grad_norms = torch.zeros_like(norms, dtype=torch.float32) if want_norms else None
     loss_rows = torch.empty(n, dtype=logits_dtype, device=emb.device)
-    # Lean pieces (losses.row_chunks): a piece's product in the matmul dtype and its float32
+    # Lean pieces (losses.row_chunks): in low precision a piece's product and its float32
     # widening, which adding it to the float32 sum makes, are the accumulation's temporaries.
     pieces = row_slices(centres_n.shape[0], centres_n[0].numel() * 4, centres_n.device, lean=True)
     inv_t = inv_norm.view(1, -1)  # float32: the product is rounded once, into the gradient's dtype
@@ -157,11 +157,17 @@ def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, 
         if grad_norms is not None and grads[1] is not None:
             grad_norms[part] = grads[1]
         if grad_emb is not None:
-            grad_emb[part] = torch.mm(grad_cos, centres_n)
+            if grad_cos.dtype == grad_emb.dtype:
+                torch.mm(grad_cos, centres_n, out=grad_emb[part])
+            else:
+                grad_emb[part] = torch.mm(grad_cos, centres_n)
         if grad_centres is not None:
             scaled = grad_cos.mul_(inv_t)  # 1/|w| on the columns: a [rows x k] pass, not [k x D]
-            for piece in pieces:
-                grad_centres[piece].add_(torch.mm(scaled[:, piece].t(), emb[part]))
+            if scaled.dtype == grad_centres.dtype:  # the matmul accumulates into the sum itself
+                grad_centres.addmm_(scaled.t(), emb[part])
+            else:
+                for piece in pieces:
+                    grad_centres[piece].add_(torch.mm(scaled[:, piece].t(), emb[part]))
         del grad_cos, grads, raw, leaf
     if grad_centres is not None:
         # (g - c <g, c>) / |w|: the 1/|w| is already in; the projection once, on the sum, in
