@@ -2,7 +2,8 @@
 (losses/chunked_logits.py). Every margin against its reference, one process and two gloo
 ranks, is in tests/test_margins.py (its `-chunk3` cases); here: that no [N x k] matrix is
 made, the low-precision matmul, the incoming gradient (GradScaler), the optimizers with
-bfloat16 state, the memory model, the config key and a training run."""
+bfloat16 state, the memory model and the config key (a training run with it:
+tests/test_train.py's single-process run)."""
 from __future__ import annotations
 
 import pytest
