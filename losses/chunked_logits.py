@@ -85,6 +85,7 @@ class ChunkedMarginSoftmax(torch.autograd.Function):
         loss, grad_emb, grad_weight, grad_norms = grads
         ctx.save_for_backward(grad_emb, grad_weight, grad_norms, index)
         ctx.weight_shape, ctx.embeddings_dtype = weight.shape, embeddings_n.dtype
+        ctx.num_rows = embeddings_n.shape[0]
         ctx.used = False
         return loss
 
@@ -95,23 +96,32 @@ class ChunkedMarginSoftmax(torch.autograd.Function):
             raise RuntimeError("the chunked PartialFC loss can be differentiated once per forward")
         ctx.used = True
         grad_emb, grad_weight, grad_norms, index = ctx.saved_tensors
+        # The kept gradients are of the *sum* of the rows' losses (see _forward_and_gradients).
+        factor = grad_output / ctx.num_rows
         out_emb = out_weight = out_norms = None
         if grad_emb is not None:
-            out_emb = grad_emb.mul_(grad_output).to(ctx.embeddings_dtype)
+            out_emb = grad_emb.mul_(factor).to(ctx.embeddings_dtype)
         if grad_weight is not None:
-            grad_weight.mul_(grad_output)
+            grad_weight.mul_(factor)
             out_weight = grad_weight if index is None else torch.sparse_coo_tensor(
                 index.unsqueeze(0), grad_weight, ctx.weight_shape, is_coalesced=True, check_invariants=False
             )
         if grad_norms is not None:
-            out_norms = grad_norms.mul_(grad_output)
+            out_norms = grad_norms.mul_(factor)
         return out_emb, out_weight, out_norms, None, None, None, None, None, None, None, None
 
 
 def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, batch, num_subcenters,
                            low_precision, world_size, chunk_rows, need):
     """(mean loss, G_e [N x D] float32, G_c [k x D] weight dtype, G_norms [N]) with None for
-    a gradient not asked for (`need`: embeddings, weight, norms)."""
+    a gradient not asked for (`need`: embeddings, weight, norms).
+
+    The gradients are those of the *sum* of the rows' losses: the mean's 1/N is applied to
+    them in float32 in the backward. A block's gradient in the matmul dtype is then of a row's
+    own size (|d loss_n / d logit| <= 1, times s) whatever the batch: with float16 a gradient
+    divided by N = 8,192 would lose the small softmax probabilities below its range (the
+    unchunked head has GradScaler's scale in that gradient; here the scale comes after).
+    """
     distributed = is_distributed(world_size)
     dtype = low_precision or weight.dtype
     logits_dtype = weight.dtype if low_precision is None else torch.float32
@@ -149,7 +159,7 @@ def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, 
             softmax = logits.detach()  # the same buffer: nothing in the margin's graph keeps it
             loss, cols, valid = softmax_cross_entropy_(softmax, targets[part], distributed)
             loss_rows[part] = loss
-            grad_logits = softmax_gradient_(softmax, cols, valid, 1.0 / n)
+            grad_logits = softmax_gradient_(softmax, cols, valid, 1.0)
             inputs = [leaf] + ([norm_leaf] if norm_leaf is not None else [])
             grads = torch.autograd.grad(logits, inputs, grad_logits, allow_unused=True)
         del logits, softmax, grad_logits, cos

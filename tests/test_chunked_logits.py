@@ -133,3 +133,18 @@ def test_bad_chunk_rows_are_refused():
         with pytest.raises(ConfigError) as info:
             load_config("configs/base.py", [override])
         assert "logits_chunk_rows" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_float16_block_gradients_keep_the_small_probabilities_of_a_large_batch():
+    """A block's gradient in float16 is of a row's own size, 1/N comes after in float32: at
+    N = 262,144 the unchunked head's float16 gradient (without GradScaler, 1/N inside) loses
+    the small softmax terms below float16's range, the chunked one does not."""
+    n, num_classes = 262_144, 200
+    x, y = _batch(n=n, num_classes=num_classes)
+    exact = _gradients(_head(0, num_classes=num_classes), x, y)[2]
+
+    def error(chunk_rows):
+        grad = _gradients(_head(chunk_rows, num_classes=num_classes, matmul_dtype=torch.float16), x, y)[2]
+        return float((grad - exact).norm() / exact.norm())
+
+    assert error(8192) < 0.9 * error(0)
