@@ -15,9 +15,10 @@ the block's share of the two gradients that are kept:
     embeddings  G_e[rows] = S_rows c            [N x D], filled block by block
     centres     G_c += S_rows^T e_rows / |w|    [k x D] float32, summed over blocks
 
-(S the gradient of the mean loss with respect to the block's cosines, c the normalised
-centres). The backward only multiplies them by the incoming gradient (1, or GradScaler's
-scale): the step's largest buffers are one block's [chunk_rows x k] logits and the [k x D]
+(S the gradient of the sum of the block's row losses with respect to its cosines, c the
+normalised centres). The backward only multiplies them by the incoming gradient over N (the
+mean; GradScaler's scale is in the incoming gradient): the step's largest buffers are one
+block's [chunk_rows x k] logits and the [k x D]
 gradient, never [N x k]. The normalisation's projection of the centres' gradient,
 (g - c <g, c>) / |w|, is linear in g, so it is applied once, to the sum.
 
