@@ -109,9 +109,10 @@ def test_a_chunk_at_least_the_batch_is_the_unchunked_head():
 
 def test_the_memory_model_predicts_the_measured_peak():
     """bench/memory_model.py's chunked phases against the resident-set peak of a step (each in
-    a fresh process, glibc returning freed blocks: EXACT_ALLOCATOR), as its --validate does."""
+    a fresh process, glibc returning freed blocks: EXACT_ALLOCATOR), as its --validate does.
+    A float32 matmul: bfloat16 is emulated, and minutes slower, on an AVX2-only CPU."""
     case = dict(impl="ours", num_local=40_000, sample_rate=0.3, global_batch=2048, embedding_size=512,
-                matmul_bytes=2, optimizer="sgd", fc_state_dtype="bfloat16", device="cpu", steps=2,
+                matmul_bytes=4, optimizer="sgd", fc_state_dtype="bfloat16", device="cpu", steps=2,
                 logits_chunk_rows=128)
     model, phase = predicted(case)
     assert phase == "block"
@@ -120,7 +121,7 @@ def test_the_memory_model_predicts_the_measured_peak():
     measured = measure(case, EXACT_ALLOCATOR)
     assert abs((model + process) / measured - 1) < 0.08, (model + process, measured)
     unchunked = predicted(dict(case, logits_chunk_rows=0))[0]
-    assert measured < 0.75 * (unchunked + process)  # what chunking buys here
+    assert measured < 0.8 * (unchunked + process)  # what chunking buys here (0.71x when written)
 
 
 def test_bad_chunk_rows_are_refused():
