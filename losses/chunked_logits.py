@@ -133,7 +133,8 @@ def _forward_and_gradients(embeddings_n, weight, norms, index, targets, margin, 
         batch = replace(batch, target_cosines=target_cosines(emb, centres_n, targets, num_subcenters, distributed))
     batch = margin.begin_step(batch, n, weight.device, logits_dtype)
 
-    grad_emb = torch.zeros(emb.shape, dtype=torch.float32, device=emb.device) if need[0] else None
+    # (every row of the embeddings' gradient is written by its block: no zeros needed)
+    grad_emb = torch.empty(emb.shape, dtype=torch.float32, device=emb.device) if need[0] else None
     grad_centres = torch.zeros(centres_n.shape, dtype=weight.dtype, device=weight.device) if need[1] else None
     want_norms = need[2] and norms is not None
     grad_norms = torch.zeros_like(norms, dtype=torch.float32) if want_norms else None

@@ -41,11 +41,9 @@ def test_the_benchmark_page_renders_the_other_measurements_and_ignores_them_as_d
 
 
 def test_the_suite_measures_bfloat16_state_and_the_page_judges_its_goals(tmp_path):
-    import json
-
     import torch
 
-    from bench import report, run_all
+    from bench import run_all
 
     plan = {"partial_fc_bf16_state": dict(classes=[2_000], sample_rates=[0.5], batch_sizes=[16], steps=1, warmup=1)}
     saved = []
@@ -62,11 +60,7 @@ def test_the_suite_measures_bfloat16_state_and_the_page_judges_its_goals(tmp_pat
     for c in part["cases"]:
         c.update(num_classes=1_000_000, sample_rate=0.1)
     part.update(classes=[1_000_000], sample_rates=[0.1])
-    folder = tmp_path / "results"
-    folder.mkdir()
-    (folder / "cpu_avx512_bf16.json").write_text(json.dumps({
-        "partial_fc_bf16_state": part, "machine": {"date": "d", "cpu": "x", "cpu_cores": 2}}))
-    md = report.render(folder, tmp_path / "docs").read_text()
+    md = _render_page(tmp_path, "partial_fc_bf16_state", part)
     assert "### (b2) PartialFC step with bfloat16 class-centre state" in md
     ratio = ours[0]["peak_bytes"] / reference[0]["peak_bytes"]
     status = "PASS" if ratio <= 0.40 else "MISS"
@@ -75,11 +69,9 @@ def test_the_suite_measures_bfloat16_state_and_the_page_judges_its_goals(tmp_pat
 
 
 def test_the_suite_measures_the_chunked_head_and_the_page_shows_it(tmp_path):
-    import json
-
     import torch
 
-    from bench import report, run_all
+    from bench import run_all
 
     plan = {"partial_fc_chunked": dict(classes=[2_000], sample_rates=[0.5], batch_sizes=[64], steps=1, warmup=1,
                                        logits_chunk_rows=16)}
@@ -91,13 +83,22 @@ def test_the_suite_measures_the_chunked_head_and_the_page_shows_it(tmp_path):
     assert set(by_impl) == {"ours", "reference", "ours_chunked"}
     assert by_impl["ours_chunked"]["logits_chunk_rows"] == 16  # the measuring process was given the option
     assert "logits_chunk_rows" not in by_impl["ours"]
-    folder = tmp_path / "results"
-    folder.mkdir()
-    (folder / "cpu_avx512_bf16.json").write_text(json.dumps({
-        "partial_fc_chunked": part, "machine": {"date": "d", "cpu": "x", "cpu_cores": 2}}))
-    md = report.render(folder, tmp_path / "docs").read_text()
+    md = _render_page(tmp_path, "partial_fc_chunked", part)
     assert "### (b3) PartialFC with the logits a block of rows at a time" in md
     ours, chunked = by_impl["ours"], by_impl["ours_chunked"]
     row = [line for line in md.splitlines() if line.startswith("| 64 | 2,000 | 0.5 |") and "x |" in line][-1]
     assert f"| {chunked['min_s'] / ours['min_s']:.2f}x |" in row
     assert f"| {chunked['peak_bytes'] / ours['peak_bytes']:.2f}x |" in row
+
+
+def _render_page(tmp_path, name, part):
+    """docs/benchmarks.md rendered from one CPU results file holding only the part `name`."""
+    import json
+
+    from bench import report
+
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "cpu_avx512_bf16.json").write_text(json.dumps({
+        name: part, "machine": {"date": "d", "cpu": "x", "cpu_cores": 2}}))
+    return report.render(folder, tmp_path / "docs").read_text()
