@@ -129,15 +129,16 @@ def _run(cfg, ctx, logger, loader, state, distill, precision: Precision, tracker
         clip_grad_norm=cfg.clip_grad_norm, aux_losses=state.aux_losses,
         channels_last=_channels_last(cfg, state.backbone), distributed=ctx.is_distributed,
     )
-    meter = SpeedMeter(cfg.batch_size * ctx.world_size * cfg.gradient_acc, state.total_steps,
-                       start_step=state.position.global_step)
-    progress = ProgressReport(logger, meter, state.total_steps, [TrackerSink(tracker)])
-
     first_eval = last_eval = None
     last_eval_step = -1
     if cfg.eval_at_start and state.position.global_step == 0:
         first_eval = evaluate(0, state.backbone)
         last_eval_step = 0
+
+    # After the first evaluation, so that the first line's samples/s and the ETA are the training's.
+    meter = SpeedMeter(cfg.batch_size * ctx.world_size * cfg.gradient_acc, state.total_steps,
+                       start_step=state.position.global_step)
+    progress = ProgressReport(logger, meter, state.total_steps, [TrackerSink(tracker)])
 
     # ---- the training loop
     stopped, evaluated = _train_loop(cfg, ctx, loader, state, step, progress, evaluate, tracker, logger)

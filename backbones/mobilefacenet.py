@@ -1,4 +1,4 @@
-"""MobileFaceNet (depthwise-separable bottlenecks with a global depthwise head), mbf and mbf_large.
+"""MobileFaceNet (depthwise-separable bottlenecks with a global depthwise head): mbf, mbf_large, mbf_small.
 
 Module names follow insightface's arcface_torch so its released `model.pt` files load with
 strict=True. `gradient_checkpointing` is accepted for a uniform interface and ignored:
@@ -167,3 +167,14 @@ def mbf(*, dropout: float = 0.0, fp16: bool = False, num_features: int = 512,
 def mbf_large(*, dropout: float = 0.0, fp16: bool = False, num_features: int = 512,
               gradient_checkpointing: bool = False) -> MobileFaceNet:
     return MobileFaceNet((2, 8, 12, 4), scale=4, dropout=dropout, num_features=num_features, fp16=fp16)
+
+
+@register_model("mbf_small")
+def mbf_small(*, dropout: float = 0.0, fp16: bool = False, num_features: int = 512,
+              gradient_checkpointing: bool = False) -> MobileFaceNet:
+    """The MobileFaceNet paper's widths (64 / 128 channels; insightface's mbf doubles them).
+
+    Not an insightface network: its weights are its own. The expansions stay those of mbf
+    (128 / 256 / 512 hidden channels), which at half the width are the paper's factors 2 and 4.
+    """
+    return MobileFaceNet((1, 4, 6, 2), scale=1, dropout=dropout, num_features=num_features, fp16=fp16)

@@ -52,6 +52,17 @@ def test_parameter_count_matches_the_published_one(name):
     assert round(count / 1e6, digits) == published
 
 
+def test_mbf_small_has_the_mobilefacenet_papers_size():
+    # Chen et al. 2018, MobileFaceNet with a 128-d embedding: 0.99M parameters; ours count the
+    # PReLU slopes and the final BatchNorm's affine too (1.003M).
+    count = sum(p.numel() for p in _meta_model("mbf_small", num_features=128).parameters())
+    assert abs(count / 0.99e6 - 1) < 0.02
+    small = {key: value.shape for key, value in _meta_model("mbf_small").state_dict().items()}
+    full = {key: value.shape for key, value in _meta_model("mbf").state_dict().items()}
+    assert small.keys() == full.keys()  # mbf's layout at half the width: mbf's names, other shapes
+    assert small["layers.0.layers.0.weight"] == (64, 3, 3, 3) and full["layers.0.layers.0.weight"] == (128, 3, 3, 3)
+
+
 @pytest.mark.parametrize("name", available_models())
 def test_output_shape_for_every_backbone(name):
     model = _meta_model(name, num_features=256).eval()
