@@ -10,11 +10,12 @@ with both figures.
 from utils.config import Config
 
 config = Config()
-# The MobileFaceNet paper's widths (insightface's mbf doubles them): 36-38 samples/s against
-# 25-33 for mbf here, and as accurate on the held-out identities. Two threads, three seeds each,
-# measured on a 3,000-pair set of 500 other held-out identities (the demo's 300 pairs resolve
-# about 1 point): mbf_small 96.17 / 96.40 / 96.53%, mbf 96.40% (2-core Sapphire Rapids, bf16,
-# 2026-12-02). On the demo's own set: 96.67 / 97.00 / 97.00% against 95.67 / 96.33 / 96.33%.
+# The MobileFaceNet paper's widths (insightface's mbf doubles them): 1.22x mbf's samples/s in the
+# training step (bench/bench_train.py, interleaved), and as accurate on the held-out identities.
+# Two threads, measured on a 3,000-pair set of 500 other held-out identities (the demo's 300 pairs
+# resolve about 1 point): mbf_small 96.17 / 96.40 / 96.53% (seeds 2048 / 1 / 2), mbf 96.40% (2048);
+# on the demo's own set 96.67 / 97.00 / 97.00% against mbf's 95.67 / 96.33 / 96.33% (2-core
+# Sapphire Rapids, bf16, 2026-12-02). 25% more steps reach about 97.0% there, at about 35 s more.
 config.network = "mbf_small"
 # insightface's 512: on four seeds 97.67 / 97.00 / 97.33 / 97.67% against 96.33 / 96.67 / 95.67%
 # (seeds 0-2) with 128, the demo's plan below otherwise (2-core Sapphire Rapids, bf16, 2026-12-01).
