@@ -18,7 +18,7 @@ setup: $(STAMP)
 
 # Re-install only when the pinned requirements change.
 # uv (pinned in requirements-setup.txt) installs the requirements: it unpacks the wheels in parallel
-# and links them from its cache (measured on 2 cores, cold caches: 54 s with pip -> 16 s, the uv
+# and links them from its cache (measured on 2 cores, cold caches: 54 s with pip -> 17 s, the uv
 # wheel's own install included), and like pip's --no-compile it writes no byte code (see
 # PYTHONPYCACHEPREFIX above). uv does not read pip's configuration, so the find-links pip is
 # configured with (where these machines keep torch's local CPU build) are handed on to it; without
