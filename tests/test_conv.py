@@ -141,9 +141,10 @@ def test_routes_are_taken_on_cpu_and_not_in_export(tmp_path):
     assert groups[:2] == [1, 64]  # conv1, then conv2_dw: the module's own convolution, 64 groups of 2
 
 
-def test_mobilefacenet_step_under_bf16_matches_float32():
+@pytest.mark.parametrize("name", ["mbf", "mbf_small"])  # mbf_small's conv2_dw is depthwise (64 groups of 1)
+def test_mobilefacenet_step_under_bf16_matches_float32(name):
     """The whole mbf trunk (grouped conv2_dw, strided depthwise stages) through the routes."""
-    model = get_model("mbf", num_features=64).to(memory_format=torch.channels_last)
+    model = get_model(name, num_features=64).to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 112, 112).contiguous(memory_format=torch.channels_last)
 
     def step(autocast):
