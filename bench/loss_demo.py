@@ -1,13 +1,13 @@
 """The synthetic-faces demo trained with every margin loss: held-out accuracy before and after.
 
 Each case is `python train.py configs/demo.py --loss=NAME ...` (the command is printed, so
-every figure can be reproduced by hand): the demo's 300 steps, its s (`margin_scale` 32),
-each loss's paper defaults for the rest. The accuracy is the demo's own final log line
+every figure can be reproduced by hand): the demo's plan as configs/demo.py has it (its network,
+steps and s, `margin_scale`), each loss's paper defaults for the rest. The accuracy is the demo's own final log line
 (open-set verification on held-out identities, flip-summed embeddings).
 
     python bench/loss_demo.py                      # every case, two at a time (one thread each)
     python bench/loss_demo.py --cases adaface magface --jobs 1
-    python bench/loss_demo.py --steps 150          # every case at half the demo's budget
+    python bench/loss_demo.py --steps 75           # every case at half the demo's budget
     python bench/loss_demo.py --quick              # smoke test: 2 steps per case
 
 Results: docs/bench_results/extra/loss_demo.json (kept in the repository, with the machine) and a

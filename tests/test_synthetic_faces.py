@@ -179,7 +179,8 @@ def test_train_py_generates_the_set_and_learns_to_verify_new_identities(tmp_path
     proc = run_script([
         PYTHON, REPO_ROOT / "train.py", "configs/demo.py", f"--rec={data}", f"--output={out}",
         f"--synthetic_faces={faces!r}", "--num_epoch=2", "--verbose=60", "--frequent=20", "--embedding_size=64",
-        "--batch_size=16", "--lr=2e-3", "--warmup_epoch=0", "--network=mbf",  # the plan this test was measured with
+        "--batch_size=16", "--lr=2e-3", "--warmup_epoch=0", "--network=mbf", "--margin_scale=32.0",
+        # the plan this test was measured with
     ], env={"OMP_NUM_THREADS": str(min(os.cpu_count() or 1, 4))}, timeout=600)  # one process: use the cores
     assert sf.read_params(data)["num_identities"] == 30
     log = (out / "training.log").read_text()
