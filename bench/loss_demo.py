@@ -2,8 +2,8 @@
 
 Each case is `python train.py configs/demo.py --loss=NAME ...` (the command is printed, so
 every figure can be reproduced by hand): the demo's plan as configs/demo.py has it (its network,
-steps and s, `margin_scale`), each loss's paper defaults for the rest. The accuracy is the demo's own final log line
-(open-set verification on held-out identities, flip-summed embeddings).
+steps and s, `margin_scale`), each loss's paper defaults for the rest. The accuracy is the demo's
+own final log line (open-set verification on held-out identities, flip-summed embeddings).
 
     python bench/loss_demo.py                      # every case, two at a time (one thread each)
     python bench/loss_demo.py --cases adaface magface --jobs 1
