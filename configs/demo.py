@@ -13,7 +13,7 @@ config = Config()
 # The MobileFaceNet paper's widths (insightface's mbf doubles them): 1.22x mbf's samples/s in the
 # training step (bench/bench_train.py, interleaved), and as accurate on the held-out identities.
 # Two threads, measured on a 3,000-pair set of 500 other held-out identities (the demo's 300 pairs
-# resolve about 1 point), at s = 32: mbf_small 96.17 / 96.40 / 96.53% (seeds 2048 / 1 / 2), mbf 96.40%
+# of then resolved about 1 point), at s = 32 and 150 steps: mbf_small 96.17 / 96.40 / 96.53% (seeds 2048 / 1 / 2), mbf 96.40%
 # (2048); on the demo's own set 96.67 / 97.00 / 97.00% against mbf's 95.67 / 96.33 / 96.33% (2-core
 # Sapphire Rapids, bf16, 2026-12-02). With s = 16 (below) mbf_small reaches about 97.0%.
 config.network = "mbf_small"
