@@ -13,9 +13,10 @@ config = Config()
 # The MobileFaceNet paper's widths (insightface's mbf doubles them): 1.22x mbf's samples/s in the
 # training step (bench/bench_train.py, interleaved), and as accurate on the held-out identities.
 # Two threads, measured on a 3,000-pair set of 500 other held-out identities (the demo's 300 pairs
-# of then resolved about 1 point), at s = 32 and 150 steps: mbf_small 96.17 / 96.40 / 96.53% (seeds 2048 / 1 / 2), mbf 96.40%
-# (2048); on the demo's own set 96.67 / 97.00 / 97.00% against mbf's 95.67 / 96.33 / 96.33% (2-core
-# Sapphire Rapids, bf16, 2026-12-02). With s = 16 (below) mbf_small reaches about 97.0%.
+# of then resolved about 1 point), at s = 32 and 150 steps: mbf_small 96.17 / 96.40 / 96.53% (seeds
+# 2048 / 1 / 2), mbf 96.40% (2048); on the demo's own set 96.67 / 97.00 / 97.00% against mbf's
+# 95.67 / 96.33 / 96.33% (2-core Sapphire Rapids, bf16, 2026-12-02). With s = 16 (below) mbf_small
+# reached about 97.0% in those 150 steps.
 config.network = "mbf_small"
 # insightface's 512: on four seeds 97.67 / 97.00 / 97.33 / 97.67% against 96.33 / 96.67 / 95.67%
 # (seeds 0-2) with 128, the demo's plan below otherwise (2-core Sapphire Rapids, bf16, 2026-12-01).
@@ -32,7 +33,8 @@ config.margin_scale = 16.0
 # more photos beat more passes over the same ones. On the 3,000-pair set (2-core AMD EPYC, bf16,
 # two threads, 2026-12-02): 200 steps on 64 photos each 98.30 / 98.17 / 98.03 / 98.00% (seeds 2048 /
 # 1 / 2 / 3, mean 98.13); 200 steps, two passes over 48 photos, 97.93 / 97.63 / 97.97% (seeds 2048 /
-# 1 / 2); 300 steps, two passes, 98.47% (2048); the plan before, 150 steps on 48 photos, 97.17 / 97.03%.
+# 1 / 2); 300 steps, two passes, 98.47% (2048); the plan before, 150 steps on 48 photos, 97.17 /
+# 97.03%. The 3,000-pair set: README, "Accuracy".
 # 1,000 verification pairs, not 300: in the protocol's 10 folds of 30 pairs a threshold is chosen
 # coarsely and the figure hung on a handful of pairs (it printed 95.33% for models at 97.0-97.9% on
 # the 3,000 pairs). With 100 pairs per fold it printed 97.50 / 98.50 / 97.80 / 98.70% for the four
