@@ -37,7 +37,7 @@ _OUTPUTS = ("train.rec", "train.idx", "property", f"{VAL_NAME}.bin")
 GENERATOR_VERSION = 2
 
 # Independent random streams: (seed, stream, ...) never collide between streams.
-_TRAIN_IDENTITY, _VAL_IDENTITY, _VAL_PAIRS = 0, 1, 2
+_TRAIN_IDENTITY, _VAL_IDENTITY, _VAL_PAIRS, _VAL_PHOTOS = 0, 1, 2, 3
 
 _SHIFT = 4  # OpenCV drawing with 4 fractional bits: sub-pixel coordinates
 _ONE = 1 << _SHIFT
@@ -501,7 +501,32 @@ def verification_pairs(seed: int, num_identities: int, num_pairs: int) -> list[t
     return pairs
 
 
-# Work is handed to the pool in chunks of identities (or pairs): each task returns the
+def verification_photos(seed: int, pairs: list[tuple[int, int, bool]],
+                        photos_per_identity: int | None) -> list[tuple[int, int]]:
+    """The photo numbers (of identity a, of identity b) of each pair.
+
+    None: every place of every pair gets a photo of its own (photo 2k and 2k + 1 of pair k), so
+    no image repeats. A number P: each held-out identity has photos 0 .. P-1 and the pairs draw
+    from them, the two photos of a same pair differing, so a photo is in about
+    2 * len(pairs) / (P * identities) pairs, as in the public sets (LFW's 6,000 pairs
+    hold fewer photos than places) and evaluation embeds each distinct photo once.
+    """
+    if photos_per_identity is None:
+        return [(2 * k, 2 * k + 1) for k in range(len(pairs))]
+    rng = np.random.default_rng([seed, _VAL_PHOTOS])
+    photos = []
+    for _, _, same in pairs:
+        first = int(rng.integers(photos_per_identity))
+        if same:
+            second = int(rng.integers(photos_per_identity - 1))
+            second += second >= first
+        else:
+            second = int(rng.integers(photos_per_identity))
+        photos.append((first, second))
+    return photos
+
+
+# Work is handed to the pool in chunks of identities (or photos): each task returns the
 # encoded JPEGs, which are small next to the cost of drawing them.
 _CHUNK = 16
 
@@ -512,17 +537,17 @@ def _encode_identities(task: tuple) -> list[list[bytes]]:
             for i in range(first, end)]
 
 
-def _encode_pairs(task: tuple) -> list[bytes]:
-    seed, first, pairs, quality, variation = task
+def _encode_val_photos(task: tuple) -> list[bytes]:
+    """JPEGs of (held-out identity, photo number) pairs: a photo number picks the photo's own
+    random stream, so a photo is the same whichever pair it is drawn for."""
+    seed, photos, quality, variation = task
     people: dict[int, Identity] = {}
     encoded = []
-    for k, (a, b, _) in enumerate(pairs, start=first):
-        for slot, index in enumerate((a, b)):
-            if index not in people:
-                people[index] = identity(seed, index, val=True)
-            # Photo numbers are unique per pair slot, so the two images of a same pair differ.
-            rng = _photo_rng(seed, _VAL_IDENTITY, index, 2 * k + slot)
-            encoded.append(_encode(render_face(people[index], rng, variation), quality))
+    for index, photo in photos:
+        if index not in people:
+            people[index] = identity(seed, index, val=True)
+        rng = _photo_rng(seed, _VAL_IDENTITY, index, photo)
+        encoded.append(_encode(render_face(people[index], rng, variation), quality))
     return encoded
 
 
@@ -542,11 +567,13 @@ def _pool(workers: int):
     return multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
 
 
-def _params(num_identities, images_per_identity, num_val_identities, num_val_pairs, seed, quality, variation) -> dict:
+def _params(num_identities, images_per_identity, num_val_identities, num_val_pairs, seed, quality, variation,
+            val_photos_per_identity) -> dict:
     return {
         "generator_version": GENERATOR_VERSION, "num_identities": num_identities,
         "images_per_identity": images_per_identity, "num_val_identities": num_val_identities,
         "num_val_pairs": num_val_pairs, "seed": seed, "quality": quality, "variation": variation,
+        "val_photos_per_identity": val_photos_per_identity,
     }
 
 
@@ -567,6 +594,10 @@ def _check_params(params: dict) -> None:
         raise DataError(f"{where}: quality must be a JPEG quality in 1..100, got {params['quality']!r}")
     if not isinstance(params["variation"], (int, float)) or not 0 <= params["variation"] <= 2:
         raise DataError(f"{where}: variation must be a number in [0, 2], got {params['variation']!r}")
+    photos = params["val_photos_per_identity"]
+    if photos is not None and (not isinstance(photos, int) or isinstance(photos, bool) or photos < 2):
+        raise DataError(f"{where}: val_photos_per_identity must be None or an integer of at least 2 "
+                        f"(a same pair needs two photos), got {photos!r}")
 
 
 def read_params(root: str | os.PathLike) -> dict | None:
@@ -590,6 +621,7 @@ def materialize(
     seed: int = 0,
     quality: int = 90,
     variation: float = 1.0,
+    val_photos_per_identity: int | None = None,
     *,
     workers: int | None = None,
     **unknown,
@@ -598,7 +630,8 @@ def materialize(
 
     Files: `train.rec`, `train.idx`, `property` (MS1M layout, labels 0 .. num_identities-1)
     and `synthetic_val.bin` (num_val_pairs pairs of held-out identities, half of them
-    same-identity). `synthetic_faces.json` records the parameters; it is marked complete
+    same-identity; their photos drawn from `val_photos_per_identity` per identity, or
+    with None a photo of its own in every place: `verification_photos`). `synthetic_faces.json` records the parameters; it is marked complete
     only after every other file is in place, so an interrupted run is redone. A folder
     holding a `train.rec` that this generator did not write is refused rather than
     overwritten. `workers` processes draw the images (default: the CPU count, at most 8);
@@ -611,7 +644,8 @@ def materialize(
         raise DataError(_unknown_key_message(sorted(unknown)[0]))
     if str(root) == "synthetic":
         raise DataError("synthetic_faces needs rec to be a folder to draw into; rec='synthetic' means random tensors")
-    params = _params(num_identities, images_per_identity, num_val_identities, num_val_pairs, seed, quality, variation)
+    params = _params(num_identities, images_per_identity, num_val_identities, num_val_pairs, seed, quality, variation,
+                     val_photos_per_identity)
     _check_params(params)
     out = Path(root)
     marker = out / PARAMS_FILE
@@ -639,20 +673,23 @@ def materialize(
     workers = max(1, min(os.cpu_count() or 1, 8) if workers is None else workers)
     pool = _pool(workers)
     run = pool.imap if pool is not None else map
-    total_images = num_identities * images_per_identity + 2 * num_val_pairs
+    pairs = verification_pairs(seed, num_val_identities, num_val_pairs)
+    places = [(person, photo) for (a, b, _), photos in zip(pairs, verification_photos(seed, pairs, val_photos_per_identity))
+              for person, photo in zip((a, b), photos)]
+    distinct = list(dict.fromkeys(places))  # each photo drawn once, however many pairs hold it
     try:
-        with progress_bar(total=total_images, desc="synthetic faces") as bar:
+        with progress_bar(total=num_identities * images_per_identity + len(distinct), desc="synthetic faces") as bar:
             chunks = [(seed, i, min(i + _CHUNK, num_identities), images_per_identity, quality, variation)
                       for i in range(0, num_identities, _CHUNK)]
             identities = (images for chunk in run(_encode_identities, chunks) for images in _counted(chunk, bar))
             write_identity_records(out, identities)
-            pairs = verification_pairs(seed, num_val_identities, num_val_pairs)
-            tasks = [(seed, k, pairs[k:k + _CHUNK], quality, variation) for k in range(0, len(pairs), _CHUNK)]
-            images = []
-            for chunk in run(_encode_pairs, tasks):
-                images.extend(chunk)
+            tasks = [(seed, distinct[k:k + _CHUNK], quality, variation) for k in range(0, len(distinct), _CHUNK)]
+            encoded = []
+            for chunk in run(_encode_val_photos, tasks):
+                encoded.extend(chunk)
                 bar.update(len(chunk))
-            write_bin(str(out / f"{VAL_NAME}.bin"), images, [same for _, _, same in pairs])
+            jpeg_of = dict(zip(distinct, encoded))
+            write_bin(str(out / f"{VAL_NAME}.bin"), [jpeg_of[place] for place in places], [same for _, _, same in pairs])
     finally:
         if pool is not None:
             pool.terminate()

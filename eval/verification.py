@@ -8,6 +8,7 @@ instead of a Python loop over thresholds. The `.bin` file format is
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -194,6 +195,31 @@ def _module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def distinct_images(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, inverse): the index of each distinct image's first occurrence, and for every
+    image the position of its copy in `first`, so that `images[first][inverse]` equals `images`.
+
+    Verification sets repeat images across pairs (in the public `.bin` files the same photo file
+    is packed once per pair it is in), and an image's embedding does not depend on the pair, so
+    each distinct image is embedded once. Images are compared by a 128-bit BLAKE2 digest of their
+    pixels: a collision between two different 112x112 images is not a practical concern.
+    """
+    rows = images.reshape(images.shape[0], -1)
+    if not rows.is_contiguous() or rows.device.type != "cpu":
+        rows = rows.contiguous().cpu()
+    arrays = rows.numpy()
+    slot_of_digest: dict[bytes, int] = {}
+    first: list[int] = []
+    inverse = torch.empty(images.shape[0], dtype=torch.long)
+    for i in range(arrays.shape[0]):
+        digest = hashlib.blake2b(arrays[i].data, digest_size=16).digest()
+        slot = slot_of_digest.setdefault(digest, len(first))
+        if slot == len(first):
+            first.append(i)
+        inverse[i] = slot
+    return torch.tensor(first, dtype=torch.long), inverse
+
+
 def _embed_batches(
     images: torch.Tensor,
     flipped: torch.Tensor,
@@ -201,9 +227,10 @@ def _embed_batches(
     model,
     batch_size: int,
     amp_dtype: torch.dtype | None,
-    progress: Callable[[int], None] | None,
+    progress: Callable[[torch.Tensor], None] | None,
 ) -> torch.Tensor:
-    """Raw embeddings [len(indices), 2, D] (image, flip), float32 on the CPU or the model's device."""
+    """Raw embeddings [len(indices), 2, D] (image, flip), float32 on the CPU or the model's device.
+    `progress(idx)` is called after each batch with the indices it embedded."""
     outputs = []
     if isinstance(model, torch.nn.Module):
         device = _module_device(model)
@@ -231,14 +258,14 @@ def _embed_batches(
                     pair.append(out)
                 outputs.append(torch.stack(pair, dim=1))
                 if progress is not None:
-                    progress(idx.numel())
+                    progress(idx)
     else:  # an Embedder (eval/embedder.py): normalises itself, returns numpy
         for start in range(0, indices.numel(), batch_size):
             idx = indices[start : start + batch_size]
             pair = [torch.from_numpy(np.asarray(model.embed(source[idx]), dtype=np.float32)) for source in (images, flipped)]
             outputs.append(torch.stack(pair, dim=1))
             if progress is not None:
-                progress(idx.numel())
+                progress(idx)
     return torch.cat(outputs, dim=0)
 
 
@@ -253,29 +280,44 @@ def embed_verification_set(
     """Embeddings of a verification set: image + flip summed and L2-normalised ([2N, D] float32),
     and XNorm, the mean norm of the raw image and flip embeddings.
 
-    With a distributed `ctx` every rank embeds an equal share (the last share padded
-    by repeating the last image, so all ranks run the same number of forward passes)
-    and all ranks receive the whole result; every rank must call this.
-    `progress(n)` is called after each batch with the number of images done.
+    Each distinct image is embedded once (`distinct_images`: sets repeat photos across
+    pairs). With a distributed `ctx` every rank embeds an equal share of them (the last
+    share padded by repeating the last image, so all ranks run the same number of forward
+    passes) and all ranks receive the whole result; every rank must call this.
+    `progress(n)` is called after each batch with the number of the set's images it
+    covered (a repeated image counts once per place it holds), so the counts of a single
+    process add up to the set's size.
     """
     images, flipped = data_list
     n = images.shape[0]
     if n == 0:
         raise ValueError("the verification set is empty")
     model = _unwrap(backbone_or_embedder)
+    first, inverse = distinct_images(images)
+    distinct = first.numel()
     distributed = ctx is not None and ctx.is_distributed
     if distributed:
-        share = math.ceil(n / ctx.world_size)
-        indices = (torch.arange(share) + ctx.rank * share).clamp_(max=n - 1)
+        share = math.ceil(distinct / ctx.world_size)
+        positions = (torch.arange(share) + ctx.rank * share).clamp_(max=distinct - 1)
     else:
-        indices = torch.arange(n)
-    raw = _embed_batches(images, flipped, indices, model, batch_size, amp_dtype, progress)
+        positions = torch.arange(distinct)
+    report = None
+    if progress is not None:
+        places = torch.bincount(inverse, minlength=distinct)
+        position_of_image = torch.empty(n, dtype=torch.long)
+        position_of_image[first] = torch.arange(distinct)
+
+        def report(idx: torch.Tensor) -> None:
+            progress(int(places[position_of_image[idx]].sum()))
+
+    raw = _embed_batches(images, flipped, first[positions], model, batch_size, amp_dtype, report)
 
     if distributed:
         raw = raw.to(ctx.device).contiguous()
         gathered = [torch.empty_like(raw) for _ in range(ctx.world_size)]
         dist.all_gather(gathered, raw)
-        raw = torch.cat(gathered, dim=0)[:n]
+        raw = torch.cat(gathered, dim=0)[:distinct]
+    raw = raw[inverse.to(raw.device)]
     xnorm = float(raw.norm(dim=2).mean())
     embeddings = F.normalize(raw.sum(dim=1), dim=1)
     return embeddings.cpu().numpy().astype(np.float32, copy=False), xnorm

@@ -127,7 +127,14 @@ def _evaluate_on_ranks(ctx, rec_dir):
     # An odd number of images: the shares are padded to equal size and trimmed after the gather.
     (images, flipped), _ = load_bin(f"{rec_dir}/lfw.bin")
     odd, xnorm = embed_verification_set([images[:9], flipped[:9]], net, 2, ctx=ctx)
-    return results, odd, xnorm, handler.messages, net.images_seen
+    seen = net.images_seen
+    # Repeated images (5 distinct in 9 places): the ranks share the distinct ones, 3 each.
+    repeated = torch.tensor(REPEATS)
+    rep, rep_xnorm = embed_verification_set([images[repeated], flipped[repeated]], net, 2, ctx=ctx)
+    return results, odd, xnorm, handler.messages, seen, rep, rep_xnorm, net.images_seen - seen
+
+
+REPEATS = [0, 1, 2, 0, 1, 2, 3, 3, 4]
 
 
 def test_two_gloo_ranks_give_the_single_process_result(rec_dir):
@@ -135,9 +142,16 @@ def test_two_gloo_ranks_give_the_single_process_result(rec_dir):
     (images, flipped), _ = load_bin(str(rec_dir / "lfw.bin"))
     odd, odd_xnorm = embed_verification_set([images[:9], flipped[:9]], SmallNet(0), 2)
 
+    # The repeated set as nine separate images, each embedded in its own place.
+    one_by_one = [embed_verification_set([images[i:i + 1], flipped[i:i + 1]], SmallNet(0), 1) for i in REPEATS]
+    per_image_raw_norms = [xn for _, xn in one_by_one]
+
     per_rank = run_distributed(_evaluate_on_ranks, 2, str(rec_dir))
     assert len(per_rank) == 2
-    for rank, (results, rank_odd, rank_xnorm, messages, images_seen) in enumerate(per_rank):
+    for rank, (results, rank_odd, rank_xnorm, messages, images_seen, rep, rep_xnorm, rep_seen) in enumerate(per_rank):
+        assert rep_seen == 2 * 3
+        np.testing.assert_allclose(rep, np.concatenate([e for e, _ in one_by_one]), atol=1e-6)
+        assert rep_xnorm == pytest.approx(float(np.mean(per_image_raw_norms)), rel=1e-6)
         # Each rank embedded its share only: half of the 40 images and 5 of the 9, each with its flip.
         assert images_seen == 2 * 20 + 2 * 5
         assert set(results) == {"lfw"}

@@ -77,6 +77,31 @@ def test_verification_set_holds_balanced_pairs_of_held_out_identities(tiny):
     assert not torch.equal(images[2 * first_same], images[2 * first_same + 1])
 
 
+def test_pairs_can_share_a_pool_of_photos_per_identity(tiny, tmp_path):
+    shared = {**TINY, "val_photos_per_identity": 3}
+    sf.materialize(tmp_path, **shared, workers=2)
+    (images, _), issame = load_bin(str(tmp_path / "synthetic_val.bin"))
+    (own, _), own_issame = load_bin(str(tiny / "synthetic_val.bin"))
+    assert issame == own_issame and images.shape == own.shape  # the same pairs of the same people
+    assert _read(tmp_path)["train.rec"] == _read(tiny)["train.rec"]
+    pairs = sf.verification_pairs(TINY["seed"], TINY["num_val_identities"], TINY["num_val_pairs"])
+    photos = sf.verification_photos(TINY["seed"], pairs, 3)
+    places = [place for (a, b, _), (pa, pb) in zip(pairs, photos) for place in ((a, pa), (b, pb))]
+    assert all(0 <= photo < 3 for _, photo in places)
+    assert all(pa != pb for (_, _, same), (pa, pb) in zip(pairs, photos) if same)
+    # One image per (identity, photo): the same pixels wherever it is placed, different otherwise.
+    pixels = {}
+    for k, place in enumerate(places):
+        pixels.setdefault(place, images[k])
+        assert torch.equal(images[k], pixels[place])
+    assert len(pixels) < len(places)  # 40 places, at most 4 x 3 photos
+    keys = list(pixels)
+    assert all(not torch.equal(pixels[x], pixels[y]) for i, x in enumerate(keys) for y in keys[i + 1:])
+    # Without a pool every place has a photo of its own.
+    assert len(set(sf.verification_photos(TINY["seed"], pairs, None))) == len(pairs)
+    assert len({img.numpy().tobytes() for img in own}) == len(own)
+
+
 def test_identity_is_in_the_face_and_variation_in_the_photo():
     centre = (slice(48, 84), slice(38, 74))  # eyes, nose and mouth: inside every face
     still = [sf.identity_images(0, k, 3, variation=0.0) for k in range(3)]
@@ -144,6 +169,7 @@ def test_a_foreign_data_set_is_not_overwritten(tmp_path):
     ("num_val_pairs", 7, "num_val_pairs must be even"),
     ("quality", 101, "quality must be a JPEG quality in 1..100"),
     ("variation", "high", "variation must be a number in"),
+    ("val_photos_per_identity", 1, "val_photos_per_identity must be None or an integer of at least 2"),
     ("num_identites", 5, "unknown key 'num_identites'; did you mean 'num_identities'"),  # a typo in a config
 ])
 def test_bad_parameters_name_the_key(tmp_path, key, value, message):

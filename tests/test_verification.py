@@ -12,7 +12,7 @@ import torch
 
 from conftest import SHARED_TESTDATA
 from dataset.verification_bin import VerificationSetError, load_bin, write_bin
-from eval.verification import _interpolate_threshold, embed_verification_set, evaluate
+from eval.verification import _interpolate_threshold, distinct_images, embed_verification_set, evaluate
 
 LFW_BIN = SHARED_TESTDATA / "lfw_style.bin"
 LFW_MANIFEST = SHARED_TESTDATA / "lfw_style_manifest.json"
@@ -305,6 +305,54 @@ def test_embedding_sums_image_and_flip_and_restores_modes():
     np.testing.assert_allclose(embeddings, want, atol=1e-5)
     want_xnorm = float(torch.cat([raw, raw_flip]).norm(dim=1).mean())
     assert xnorm == pytest.approx(want_xnorm, rel=1e-5)
+
+
+def test_distinct_images_finds_exact_repeats_only():
+    torch.manual_seed(1)
+    base = torch.randint(0, 256, (4, 3, 112, 112), dtype=torch.uint8)
+    nearly = base[2].clone()
+    nearly[1, 60, 7] ^= 1  # one bit of one pixel: another image
+    images = torch.stack([base[0], base[1], base[0], base[2], nearly, base[1], base[3], base[0]])
+    first, inverse = distinct_images(images)
+    assert first.tolist() == [0, 1, 3, 4, 6]  # each distinct image at its first place
+    assert inverse.tolist() == [0, 1, 0, 2, 3, 1, 4, 0]
+    assert torch.equal(images[first][inverse], images)
+    # a view with strides of its own (every other image) is hashed by its pixels too
+    first, inverse = distinct_images(images[::2])
+    assert first.tolist() == [0, 2, 3] and inverse.tolist() == [0, 0, 1, 2]
+
+
+class _SharedList(list):
+    def __deepcopy__(self, memo):  # evaluation embeds with a folded deep copy of the model
+        return self
+
+
+class _CountingNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.calls = _SharedList()
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return super().forward(x)
+
+
+def test_a_repeated_image_is_embedded_once_and_scored_in_every_pair():
+    torch.manual_seed(2)
+    distinct = torch.randint(0, 256, (3, 3, 112, 112), dtype=torch.uint8)
+    places = [0, 1, 2, 0, 1, 1, 2, 0]  # four pairs over three photos
+    images = distinct[places]
+    net = _CountingNet().eval()
+    done = []
+    embeddings, xnorm = embed_verification_set([images, images.flip(3)], net, batch_size=2, progress=done.append)
+
+    assert sum(net.calls) == 2 * 3  # three photos and their flips, once each
+    assert sum(done) == len(places)  # progress counts the set's places
+    with torch.no_grad():
+        raw = net((images.float() / 255 - 0.5) / 0.5) + net((images.flip(3).float() / 255 - 0.5) / 0.5)
+        single = [net((images.float() / 255 - 0.5) / 0.5), net((images.flip(3).float() / 255 - 0.5) / 0.5)]
+    np.testing.assert_allclose(embeddings, torch.nn.functional.normalize(raw, dim=1).numpy(), atol=1e-5)
+    assert xnorm == pytest.approx(float(torch.cat(single).norm(dim=1).mean()), rel=1e-5)
 
 
 def test_pairs_at_distance_zero_are_not_accepted_at_threshold_zero():

@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--images-per-identity", type=int, default=16)
     parser.add_argument("--val-identities", type=int, default=100, help="held-out identities of the verification set")
     parser.add_argument("--val-pairs", type=int, default=600, help="verification pairs (even: half same, half different)")
+    parser.add_argument("--val-photos-per-identity", type=int, default=None,
+                        help="photos per held-out identity that the pairs share (default: a photo of its own in every place)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality")
     parser.add_argument("--variation", type=float, default=1.0, help="scale of the per-photo changes (0: none, 2: double)")
@@ -51,7 +53,8 @@ def main() -> None:
     materialize(
         args.out_dir, num_identities=args.identities, images_per_identity=args.images_per_identity,
         num_val_identities=args.val_identities, num_val_pairs=args.val_pairs, seed=args.seed,
-        quality=args.quality, variation=args.variation, workers=args.workers,
+        quality=args.quality, variation=args.variation, val_photos_per_identity=args.val_photos_per_identity,
+        workers=args.workers,
     )
     preview = os.path.join(args.out_dir, "preview.png")
     grid = preview_grid(args.seed, min(PREVIEW_ROWS, args.identities), min(PREVIEW_COLS, args.images_per_identity),
