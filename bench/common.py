@@ -185,14 +185,21 @@ def isa_limits() -> dict[str, str]:
     return {name: os.environ[name] for name in ISA_LIMITS if os.environ.get(name)}
 
 
+def _amx_usable() -> bool:
+    """The CPU has AMX's bf16 tiles and oneDNN is not held below them (ONEDNN_MAX_CPU_ISA)."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return "amx_bf16" in cpu_matrix_units().split() and (not limit or "AMX" in limit or limit == "ALL")
+
+
 def cpu_kind() -> str:
-    """The kind of CPU as far as training speed goes, the name of its results file:
-    cpu_avx512_bf16 (bf16 units: the default path is bf16 autocast), cpu_avx512 or cpu_avx2
-    (fp32), after any limit in ISA_LIMITS."""
+    """The kind of CPU as far as training speed goes, the name of its results file, after any
+    limit in ISA_LIMITS: cpu_amx_bf16 (AMX tiles, e.g. Sapphire Rapids) and cpu_avx512_bf16
+    (AVX512-BF16 without AMX, e.g. AMD Zen 4), where the default path is bf16 autocast but
+    the step runs at very different speeds; cpu_avx512 or cpu_avx2 (fp32)."""
     from utils.amp import bf16_is_fast
 
     if bf16_is_fast(torch.device("cpu")):
-        return "cpu_avx512_bf16"
+        return "cpu_amx_bf16" if _amx_usable() else "cpu_avx512_bf16"
     return "cpu_" + torch.backends.cpu.get_cpu_capability().lower()
 
 

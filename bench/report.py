@@ -26,13 +26,14 @@ GOAL_GPU_MFU = 0.25  # r50: model-FLOPs utilisation of our step on the GPU
 
 DEVICE_TITLES = {
     "cpu": "CPU",  # a results file from before the CPUs' kinds had files of their own
-    "cpu_avx512_bf16": "CPU with bf16 units (AVX512-BF16 / AMX): the default path is bf16 autocast",
+    "cpu_amx_bf16": "CPU with AMX (bf16 matrix tiles): the default path is bf16 autocast",
+    "cpu_avx512_bf16": "CPU with AVX512-BF16, no AMX: the default path is bf16 autocast",
     "cpu_avx512": "CPU with AVX512, no bf16 units: the default path is fp32",
     "cpu_avx2": "CPU with AVX2 only: the default path is fp32",
     "cuda": "CUDA GPU",
 }
 # Sections in this order; any other results file after them.
-DEVICE_ORDER = ("cpu_avx512_bf16", "cpu_avx512", "cpu_avx2", "cpu", "cuda")
+DEVICE_ORDER = ("cpu_amx_bf16", "cpu_avx512_bf16", "cpu_avx512", "cpu_avx2", "cpu", "cuda")
 
 
 def is_cpu_kind(kind: str) -> bool:
@@ -157,7 +158,7 @@ def _gpu_goals(train_models: list[dict]) -> list[tuple[str, str, str, bool | Non
     return out
 
 
-def goals(results: dict, info: dict, kind: str = "cpu_avx512_bf16") -> list[tuple[str, str, str, str, str]]:
+def goals(results: dict, info: dict, kind: str = "cpu_amx_bf16") -> list[tuple[str, str, str, str, str]]:
     """(goal, target, measured, status, remark) for each goal of the issues. The CPU goals
     are judged on the CPU (elsewhere their status is "info"), the GPU goals on CUDA."""
     out = []

@@ -7,7 +7,7 @@
     python bench/run_all.py --quick            # smoke test: tiny sizes, written under bench/results/
 
 Each kind of machine's results go to docs/bench_results/<kind>.json: cuda, or the CPU's kind
-(cpu_avx512_bf16, cpu_avx512, cpu_avx2; bench.common.cpu_kind). They are kept in the
+(cpu_amx_bf16, cpu_avx512_bf16, cpu_avx512, cpu_avx2; bench.common.cpu_kind). They are kept in the
 repository, so results measured on different machines are rendered side by side; the
 markdown and one PNG per kind are rendered from whichever result files exist.
 """

@@ -186,14 +186,41 @@ def test_each_cpu_kind_has_its_own_results_file_and_section(tmp_path):
         "reference": _path(20.0, "fp32"), "default": _path(30.0, "fp32", speedup=1.5)}}
     results, docs = tmp_path / "results", tmp_path / "docs"
     results.mkdir()
-    for kind, limits in (("cpu_avx2", {"ONEDNN_MAX_CPU_ISA": "AVX2"}), ("cpu_avx512_bf16", {})):
+    for kind, limits, cpu in (("cpu_avx2", {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "Some Xeon"),
+                              ("cpu_avx512_bf16", {}, "Some EPYC"), ("cpu_amx_bf16", {}, "Some Xeon")):
         (results / f"{kind}.json").write_text(json.dumps({
             "train": {"models": [old], "num_classes": 10_000, "steps": 4, "warmup": 2},
-            "machine": {"date": "d", "cpu": "Some Xeon", "cpu_cores": 2, "cpu_matrix_units": "amx_bf16",
+            "machine": {"date": "d", "cpu": cpu, "cpu_cores": 2, "cpu_matrix_units": "amx_bf16",
                         "isa_limits": limits}}))
     md = report.render(results, docs).read_text()
     titles = [line for line in md.splitlines() if line.startswith("## ")]
-    assert titles[:2] == [
-        "## CPU with bf16 units (AVX512-BF16 / AMX): the default path is bf16 autocast",
+    assert titles[:3] == [
+        "## CPU with AMX (bf16 matrix tiles): the default path is bf16 autocast",
+        "## CPU with AVX512-BF16, no AMX: the default path is bf16 autocast",
         "## CPU with AVX2 only: the default path is fp32 (emulated: ONEDNN_MAX_CPU_ISA=AVX2 on Some Xeon with amx_bf16)",
     ]
+
+
+def test_cpus_with_and_without_amx_have_results_files_of_their_own():
+    # Sapphire Rapids (AMX) and Zen 4 (AVX512-BF16 only) both default to bf16, at very different
+    # speeds: each kind has its own file. oneDNN held below AMX is the kind without it.
+    import os
+    import subprocess
+    import sys
+
+    from bench.common import cpu_matrix_units
+    from utils.amp import bf16_is_fast
+
+    code = "from bench.common import cpu_kind; print(cpu_kind())"
+
+    def kind(**limits):
+        env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+        return subprocess.run([sys.executable, "-c", code], env={**env, **limits}, capture_output=True, text=True,
+                              cwd=run_all.ROOT, check=True).stdout.strip()
+
+    has_amx = "amx_bf16" in cpu_matrix_units().split()
+    if not bf16_is_fast(torch.device("cpu")):
+        assert kind() in ("cpu_avx512", "cpu_avx2", "cpu_default")
+    else:
+        assert kind() == ("cpu_amx_bf16" if has_amx else "cpu_avx512_bf16")
+        assert kind(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == "cpu_avx512_bf16"
