@@ -48,7 +48,8 @@ $(STAMP): requirements.txt requirements-setup.txt
 # Two pytest-xdist workers, one test file each at a time (a file's module fixtures are built once):
 # much of the suite is processes starting and importing torch on one core, so a second worker fills
 # the other. 2-core Sapphire Rapids, 2026-12-02: 754 s against 1026 s in one process, the same
-# 748 tests passed. TEST_WORKERS=0 runs it in the pytest process itself; more workers for more cores.
+# 748 tests passed (another such host, 2026-12-02 15:45 UTC: 753 tests in 328 s). TEST_WORKERS=0 runs
+# it in the pytest process itself; more workers for more cores.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=25 tests

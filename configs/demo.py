@@ -41,7 +41,7 @@ config.margin_scale = 16.0
 # seeds above (mean 98.13, as on the larger set), and 75.80 / 73.50 / 72.00 / 70.10% before training.
 # The pairs share 10 photos per held-out identity (868 distinct photos in the 2,000 places, as the
 # public sets reuse theirs) and evaluation embeds each photo once: each evaluation costs 0.43x
-# (2-core Sapphire Rapids: 5 s instead of 8 in bf16; held to AVX2, fp32: 10 s instead of 24). The
+# (2-core Sapphire Rapids: 4-5 s instead of 8 in bf16; held to AVX2, fp32: 10 s instead of 24). The
 # same four models printed 98.00 / 97.90 / 97.90 / 97.90% on it (2026-12-02), 73.50 / 71.60 / 71.90 /
 # 69.00% before training.
 config.rec = "data/synthetic_faces"
@@ -69,7 +69,7 @@ config.weight_decay = 0.05
 config.num_epoch = 1
 config.warmup_epoch = 0.1
 config.frequent = 15
-config.verbose = 1000  # evaluate before the first and after the last step only: each costs 5-15 s
+config.verbose = 1000  # evaluate before the first and after the last step only: each costs 4-10 s
 config.num_workers = 0  # decoding 32 small JPEGs per step costs less than a worker process
 config.save_every_steps = 0
 config.output = "work_dirs/demo"
