@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from dataset.verification_bin import load_bin
-from eval.verification import embed_verification_set, evaluate
+from eval.verification import distinct_images, embed_verification_set, evaluate
 from utils.distributed import DistContext
 
 DEFAULT_LOGGER = "arcface.verification"
@@ -36,6 +36,9 @@ class VerificationCallback:
         self.amp_dtype = amp_dtype
         self.logger = logger if logger is not None else logging.getLogger(DEFAULT_LOGGER)
         self.sets: list[tuple[str, list[torch.Tensor], list[bool]]] = []
+        # Which images of each set repeat, found once (about 0.5 s for LFW's 12,000 images)
+        # rather than at every evaluation.
+        self._distinct: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.highest_acc: dict[str, float] = {}
         for name in val_targets:
             path = os.path.join(rec_prefix, f"{name}.bin")
@@ -45,13 +48,14 @@ class VerificationCallback:
                 continue
             data_list, issame = load_bin(path, image_size)
             self.sets.append((name, data_list, issame))
+            self._distinct[name] = distinct_images(data_list[0])
             self.highest_acc[name] = 0.0
 
     def __call__(self, global_step: int, backbone: torch.nn.Module) -> dict[str, dict[str, float]]:
         """Evaluate every set; returns {name: {acc, std, xnorm, acc_best}} on every rank."""
         results = {}
         for name, data_list, issame in self.sets:
-            acc, std, xnorm = self._evaluate_set(data_list, issame, backbone)
+            acc, std, xnorm = self._evaluate_set(name, data_list, issame, backbone)
             self.highest_acc[name] = max(self.highest_acc[name], acc)
             results[name] = {"acc": acc, "std": std, "xnorm": xnorm, "acc_best": self.highest_acc[name]}
             if self.ctx.is_main:
@@ -65,13 +69,14 @@ class VerificationCallback:
         teacher), without logging and without touching the best accuracies; every rank calls it."""
         results = {}
         for name, data_list, issame in self.sets:
-            acc, std, xnorm = self._evaluate_set(data_list, issame, backbone)
+            acc, std, xnorm = self._evaluate_set(name, data_list, issame, backbone)
             results[name] = {"acc": acc, "std": std, "xnorm": xnorm}
         return results
 
-    def _evaluate_set(self, data_list, issame, backbone) -> tuple[float, float, float]:
+    def _evaluate_set(self, name, data_list, issame, backbone) -> tuple[float, float, float]:
         embeddings, xnorm = embed_verification_set(
-            data_list, backbone, self.batch_size, ctx=self.ctx, amp_dtype=self.amp_dtype
+            data_list, backbone, self.batch_size, ctx=self.ctx, amp_dtype=self.amp_dtype,
+            distinct=self._distinct[name],
         )
         result = evaluate(embeddings, issame, nrof_folds=10)
         return result.accuracy, result.accuracy_std, xnorm

@@ -276,12 +276,13 @@ def embed_verification_set(
     ctx=None,
     amp_dtype: torch.dtype | None = None,
     progress: Callable[[int], None] | None = None,
+    distinct: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Embeddings of a verification set: image + flip summed and L2-normalised ([2N, D] float32),
     and XNorm, the mean norm of the raw image and flip embeddings.
 
-    Each distinct image is embedded once (`distinct_images`: sets repeat photos across
-    pairs). With a distributed `ctx` every rank embeds an equal share of them (the last
+    Each distinct image is embedded once (`distinct_images`, or `distinct`, its result for
+    these images computed beforehand: sets repeat photos across pairs). With a distributed `ctx` every rank embeds an equal share of them (the last
     share padded by repeating the last image, so all ranks run the same number of forward
     passes) and all ranks receive the whole result; every rank must call this.
     `progress(n)` is called after each batch with the number of the set's images it
@@ -293,7 +294,7 @@ def embed_verification_set(
     if n == 0:
         raise ValueError("the verification set is empty")
     model = _unwrap(backbone_or_embedder)
-    first, inverse = distinct_images(images)
+    first, inverse = distinct if distinct is not None else distinct_images(images)
     distinct = first.numel()
     distributed = ctx is not None and ctx.is_distributed
     if distributed:

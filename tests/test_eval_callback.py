@@ -12,7 +12,7 @@ from conftest import SHARED_TESTDATA
 from helpers import run_distributed
 from eval.eval_callback import VerificationCallback
 from eval.verification import embed_verification_set, evaluate
-from dataset.verification_bin import load_bin
+from dataset.verification_bin import load_bin, write_bin
 
 LOGGER = "test_eval_callback"
 
@@ -114,6 +114,25 @@ def test_logs_best_accuracy_and_mode(rec_dir, caplog):
     assert acc2 != acc  # two different models, so "best" is meaningful
     assert result2["lfw"]["acc"] == pytest.approx(acc2, abs=1e-12)
     assert result2["lfw"]["acc_best"] == pytest.approx(max(acc, acc2), abs=1e-12)
+
+
+def test_a_set_that_repeats_photos_embeds_each_once_at_every_evaluation(tmp_path):
+    # lfw_style.bin's 40 photos packed again as 60 places: pairs reusing photos, as public sets do.
+    import pickle
+
+    with open(SHARED_TESTDATA / "lfw_style.bin", "rb") as f:
+        jpegs, issame = pickle.load(f, encoding="bytes")
+    order = list(range(40)) + [0, 3, 5, 8, 12, 13, 20, 21, 30, 31, 2, 7, 16, 17, 22, 25, 33, 34, 38, 39]
+    write_bin(str(tmp_path / "reused.bin"), [jpegs[i] for i in order], list(issame) + list(issame[:10]))
+    callback = VerificationCallback(["reused"], str(tmp_path), None, batch_size=8)
+    net = SmallNet(0)
+    for step in (1, 2):
+        result = callback(step, net)
+        assert net.images_seen == step * 2 * 40  # 40 distinct photos and their flips, 60 places
+    acc, std, xnorm = _expected(SmallNet(0), tmp_path / "reused.bin")
+    assert result["reused"]["acc"] == pytest.approx(acc, abs=1e-12)
+    assert result["reused"]["std"] == pytest.approx(std, abs=1e-12)
+    assert result["reused"]["xnorm"] == pytest.approx(xnorm, rel=1e-5)
 
 
 def _evaluate_on_ranks(ctx, rec_dir):
