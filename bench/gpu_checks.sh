@@ -18,8 +18,11 @@ $PY -c "import torch; print(torch.__version__, torch.cuda.is_available() and tor
     2>&1 | tee -a "$OUT/steps.log"
 
 if [ "$DEVICE" = cuda ]; then
-    log "tests/test_cuda.py"
-    timeout 180 $PY -m pytest -q tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
+    # test_cuda.py whole, and the CUDA tests of the margin heads and of fc_state_dtype (-k matches
+    # the module name too, so every test of test_cuda.py is selected).
+    log "CUDA tests"
+    timeout 180 $PY -m pytest -q tests/test_cuda.py tests/test_margins.py tests/test_fc_state_dtype.py -k cuda \
+        > "$OUT/test_cuda.log" 2>&1
     log "tests: rc $?"
 fi
 
