@@ -508,8 +508,8 @@ def verification_photos(seed: int, pairs: list[tuple[int, int, bool]],
     None: every place of every pair gets a photo of its own (photo 2k and 2k + 1 of pair k), so
     no image repeats. A number P: each held-out identity has photos 0 .. P-1 and the pairs draw
     from them, the two photos of a same pair differing, so a photo is in about
-    2 * len(pairs) / (P * identities) pairs, as in the public sets (LFW's 6,000 pairs
-    hold fewer photos than places) and evaluation embeds each distinct photo once.
+    2 * len(pairs) / (P * identities) pairs, as in the public sets (CFP-FP's 7,000 pairs are
+    drawn from its 7,000 photos), and evaluation embeds each distinct photo once.
     """
     if photos_per_identity is None:
         return [(2 * k, 2 * k + 1) for k in range(len(pairs))]
@@ -631,8 +631,9 @@ def materialize(
     Files: `train.rec`, `train.idx`, `property` (MS1M layout, labels 0 .. num_identities-1)
     and `synthetic_val.bin` (num_val_pairs pairs of held-out identities, half of them
     same-identity; their photos drawn from `val_photos_per_identity` per identity, or
-    with None a photo of its own in every place: `verification_photos`). `synthetic_faces.json` records the parameters; it is marked complete
-    only after every other file is in place, so an interrupted run is redone. A folder
+    with None a photo of its own in every place: `verification_photos`).
+    `synthetic_faces.json` records the parameters; it is marked complete only after every
+    other file is in place, so an interrupted run is redone. A folder
     holding a `train.rec` that this generator did not write is refused rather than
     overwritten. `workers` processes draw the images (default: the CPU count, at most 8);
     the output does not depend on it. Returns True when the set was (re)generated, False
