@@ -675,8 +675,8 @@ def materialize(
     pool = _pool(workers)
     run = pool.imap if pool is not None else map
     pairs = verification_pairs(seed, num_val_identities, num_val_pairs)
-    places = [(person, photo) for (a, b, _), photos in zip(pairs, verification_photos(seed, pairs, val_photos_per_identity))
-              for person, photo in zip((a, b), photos)]
+    photos = verification_photos(seed, pairs, val_photos_per_identity)
+    places = [place for (a, b, _), (pa, pb) in zip(pairs, photos) for place in ((a, pa), (b, pb))]
     distinct = list(dict.fromkeys(places))  # each photo drawn once, however many pairs hold it
     try:
         with progress_bar(total=num_identities * images_per_identity + len(distinct), desc="synthetic faces") as bar:

@@ -308,12 +308,11 @@ def embed_verification_set(
         positions = torch.arange(num_distinct)
     report = None
     if progress is not None:
-        places = torch.bincount(inverse, minlength=num_distinct)
-        position_of_image = torch.empty(n, dtype=torch.long)
-        position_of_image[first] = torch.arange(num_distinct)
+        places_of_image = torch.zeros(n, dtype=torch.long)  # how many places each embedded image fills
+        places_of_image[first] = torch.bincount(inverse, minlength=num_distinct)
 
         def report(idx: torch.Tensor) -> None:
-            progress(int(places[position_of_image[idx]].sum()))
+            progress(int(places_of_image[idx].sum()))
 
     raw = _embed_batches(images, flipped, first[positions], model, batch_size, amp_dtype, report)
 

@@ -118,10 +118,9 @@ def test_logs_best_accuracy_and_mode(rec_dir, caplog):
 
 def test_a_set_that_repeats_photos_embeds_each_once_at_every_evaluation(tmp_path):
     # lfw_style.bin's 40 photos packed again as 60 places: pairs reusing photos, as public sets do.
-    import pickle
+    from dataset.verification_bin import _read_pairs_pickle
 
-    with open(SHARED_TESTDATA / "lfw_style.bin", "rb") as f:
-        jpegs, issame = pickle.load(f, encoding="bytes")
+    jpegs, issame = _read_pairs_pickle(str(SHARED_TESTDATA / "lfw_style.bin"))
     order = list(range(40)) + [0, 3, 5, 8, 12, 13, 20, 21, 30, 31, 2, 7, 16, 17, 22, 25, 33, 34, 38, 39]
     write_bin(str(tmp_path / "reused.bin"), [jpegs[i] for i in order], list(issame) + list(issame[:10]))
     callback = VerificationCallback(["reused"], str(tmp_path), None, batch_size=8)
