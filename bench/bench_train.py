@@ -42,9 +42,11 @@ count serves them all (`step_flops`, `flops_counted_on`). MFU = step FLOPs / the
 fastest step time / the peak. CUDA: the GPU's dense fp16/bf16 tensor-core peak from its
 datasheet (insightface_reference.peak_flops), the same peak for every path, named in the
 result; a GPU missing from that list gets no MFU. CPU: there is no datasheet peak, so the
-peak is a *measured* ceiling -- the fastest large square matmul in the path's own dtype
-(fp32 or bf16), measured once per process -- and the result names it ("measured N GFLOP/s
-fp32 GEMM"). A CPU MFU says how close the step comes to what the cores' matmul reaches.
+peak is a *measured* ceiling in the path's own dtype (fp32 or bf16), measured once per
+process: the faster of a large square matmul and a 3x3 convolution (MKL's fp32 matmul is
+slow on AMD CPUs, where oneDNN's convolutions run 2.7x faster), named in the result
+("measured N GFLOP/s fp32: the faster of ..."). A CPU MFU says how close the step comes
+to what the cores reach on their best dense kernel.
 
     python bench/bench_train.py [--models mbf r18 r50] [--batch-size 32] [--steps 5] [--warmup 2]
                                 [--paths reference insightface default compiled] [--device cpu|cuda]
@@ -55,6 +57,7 @@ FLOPs and MFU are those of one process (one GPU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import time
@@ -245,31 +248,31 @@ def _conv_share(runner: _Path, images, labels) -> dict:
     return {"conv_s": conv, "other_s": other}
 
 
-# The CPU's measured matmul ceiling per dtype, measured once per process (every model of a
-# run is divided by the same figure).
-_MEASURED_GEMM: dict = {}
-_GEMM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# The CPU's measured ceiling per dtype, measured once per process (every model of a run is
+# divided by the same figure).
+_MEASURED_PEAK: dict = {}
+_PEAK_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def mfu_peak(device, precision: str) -> tuple[float, str] | None:
     """(peak FLOP/s, what it is) that a path's MFU is measured against; None: no peak known.
 
     CUDA: the datasheet's dense fp16/bf16 peak of the GPU, for every path (also the fp32
-    one: MFU is against what the hardware offers). CPU: the measured matmul ceiling in the
-    path's dtype (there is no datasheet figure for a CPU's sustained matmul rate)."""
+    one: MFU is against what the hardware offers). CPU: the measured ceiling in the path's
+    dtype, the faster of a large matmul and a convolution (there is no datasheet figure for
+    a CPU's sustained rate; insightface_reference.measured_peak_flops says why both)."""
     import torch
 
-    from bench.insightface_reference import measured_matmul_flops, peak_flops
+    from bench.insightface_reference import measured_peak_flops, peak_flops
 
     if device.type == "cuda":
         found = peak_flops(torch.cuda.get_device_name(device))
         return None if found is None else (found[0], f"{found[1]} ({found[0] / 1e12:,.0f} TFLOP/s)")
     if device.type != "cpu":
         return None
-    if precision not in _MEASURED_GEMM:
-        _MEASURED_GEMM[precision] = measured_matmul_flops(getattr(torch, _GEMM_DTYPES[precision]), device)
-    flops = _MEASURED_GEMM[precision]
-    return flops, f"measured {flops / 1e9:,.0f} GFLOP/s {precision} GEMM"
+    if precision not in _MEASURED_PEAK:
+        _MEASURED_PEAK[precision] = measured_peak_flops(getattr(torch, _PEAK_DTYPES[precision]), device)
+    return _MEASURED_PEAK[precision]
 
 
 def _flop_counter_kind(kinds) -> str | None:
@@ -305,7 +308,11 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
     counter_kind, step_flops = _flop_counter_kind(kinds), None
     cudnn_benchmark = torch.backends.cudnn.benchmark
     compile_seconds = None
+    caches, compile_cache = contextlib.ExitStack(), None
     try:
+        if "compiled" in kinds:
+            cold, compile_cache = _cold_compile_cache()
+            caches.enter_context(cold)
         for i, (images, labels) in enumerate(batches):
             this_step = []
             for runner in runners:
@@ -328,6 +335,7 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
             images, labels = batches[-1]
             breakdown = {runner.kind: _conv_share(runner, images, labels) for runner in runners}
     finally:
+        caches.close()
         torch.backends.cudnn.benchmark = cudnn_benchmark
     world = ctx.world_size
     result = {"model": name, "batch_per_process": batch, "world_size": world, "warmup": warmup, "paths": {},
@@ -346,12 +354,27 @@ def run_model(name: str, *, batch: int, steps: int, warmup: int, paths, ctx, dev
                                                   f"n/a: no peak known for {_device_name(device)!r}")
         if runner.kind == "compiled":
             entry["warmup_seconds_incl_compile"] = compile_seconds
+            entry["compile_cache"] = compile_cache
         if runner.kind in breakdown:
             entry["profiled_step"] = breakdown[runner.kind]
         result["paths"][runner.kind] = entry
     _add_ratios(result["paths"])
     del runners
     return result
+
+
+def _cold_compile_cache() -> tuple[contextlib.AbstractContextManager, str]:
+    """(a context, what it gives): torch.compile's caches (inductor's on-disk FX graph and
+    kernel caches, and the in-memory ones) emptied and pointed at a fresh temporary directory
+    while a model's paths run, so that the compiled path's warm-up time is what a first
+    compile=True run costs, not what a rerun on the same machine costs (r50 on a 2-core AMD
+    EPYC: 89 s cold, 27 s with the cache of the run before). torch's own context manager for
+    it is private (torch._inductor.utils.fresh_cache); without it the cache is left as found."""
+    try:
+        from torch._inductor.utils import fresh_cache
+    except ImportError:
+        return contextlib.nullcontext(), "as found"
+    return fresh_cache(), "empty"
 
 
 def _device_name(device) -> str:

@@ -154,14 +154,23 @@ class OtherLoad:
 
 
 def cpu_model() -> str:
+    """The CPU's name with its family and model numbers, which say the generation where the
+    name does not ('AMD EPYC (family 26, model 2)': Zen 5; Intel's family 6 model 143: Sapphire
+    Rapids)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def cpu_matrix_units() -> str:
@@ -194,7 +203,7 @@ def _amx_usable() -> bool:
 def cpu_kind() -> str:
     """The kind of CPU as far as training speed goes, the name of its results file, after any
     limit in ISA_LIMITS: cpu_amx_bf16 (AMX tiles, e.g. Sapphire Rapids) and cpu_avx512_bf16
-    (AVX512-BF16 without AMX, e.g. AMD Zen 4), where the default path is bf16 autocast but
+    (AVX512-BF16 without AMX, e.g. AMD Zen 4 and Zen 5), where the default path is bf16 autocast but
     the step runs at very different speeds; cpu_avx512 or cpu_avx2 (fp32)."""
     from utils.amp import bf16_is_fast
 

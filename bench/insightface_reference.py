@@ -289,30 +289,70 @@ def peak_flops(device_name: str) -> tuple[float, str] | None:
     return None
 
 
-def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
-                          size: int = 2048, repeats: int = 3) -> float:
-    """FLOP/s of the fastest of `repeats` [size x size] @ [size x size] matmuls in `dtype`
-    (after one untimed call): a measured ceiling for devices without a datasheet peak
-    (CPUs), as MFU's denominator. Other load on the machine only lowers it."""
+def _fastest_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `run`, after one untimed call."""
     import time
-
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    torch.mm(a, b)
+    run()
     best = float("inf")
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        torch.mm(a, b)
+        run()
         sync()
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return best
+
+
+def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                          size: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of the fastest of `repeats` [size x size] @ [size x size] matmuls in `dtype`."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    return 2 * size**3 / _fastest_seconds(lambda: torch.mm(a, b), device, repeats)
+
+
+# The convolution the ceiling times: an r50 stage-3 layer (3x3, 256 -> 256 channels at 14 x 14,
+# stride 1, padded), batch 32, channels_last as train.py runs it.
+CEILING_CONV = dict(batch=32, channels=256, size=14, kernel=3)
+
+
+def measured_conv_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
+                        repeats: int = 3) -> float:
+    """FLOP/s of the fastest of `repeats` forward calls of the CEILING_CONV convolution in `dtype`."""
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    n, c, hw, k = (CEILING_CONV[key] for key in ("batch", "channels", "size", "kernel"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c, hw, hw, generator=g).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    w = torch.randn(c, c, k, k, generator=g).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    flops = 2 * n * c * c * k * k * hw * hw
+    return flops / _fastest_seconds(lambda: F.conv2d(x, w, padding=k // 2), device, repeats)
+
+
+def measured_peak_flops(dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> tuple[float, str]:
+    """(FLOP/s, what it is): a measured ceiling for devices without a datasheet peak (CPUs),
+    as MFU's denominator -- the faster of a [2048 x 2048] matmul and the CEILING_CONV
+    convolution in `dtype`. Other load on the machine only lowers it.
+
+    Both, because they run on different libraries: torch.mm in float32 calls MKL's sgemm, and
+    on a CPU that is not Intel's MKL takes a slower code path (a 2-core AMD EPYC, Zen 5,
+    2026-12-02: 180 GFLOP/s, where oneDNN's convolutions reached 480 on the same cores), while
+    the steps' FLOPs are mostly convolutions, which oneDNN runs; a matmul alone put the r50
+    fp32 step at 131% there."""
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    matmul = measured_matmul_flops(dtype, device)
+    conv = measured_conv_flops(dtype, device)
+    peak = max(matmul, conv)
+    return peak, (f"measured {peak / 1e9:,.0f} GFLOP/s {name}: the faster of a 2048^2 GEMM ({matmul / 1e9:,.0f}) "
+                  f"and a 3x3 convolution ({conv / 1e9:,.0f})")
 
 
 def format_mfu(step_flops: float, seconds: float, device_name: str) -> str:

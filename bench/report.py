@@ -342,9 +342,12 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
         compiled = [m for m in t["models"] if "compiled" in m["paths"]]
         for m in compiled:
             w = m["paths"]["compiled"].get("warmup_seconds_incl_compile")
+            cache = {"empty": " (inductor's caches empty, as on a first compile=True run)",
+                     "as found": " (inductor's caches as found: a rerun's time, shorter than a first run's)"}
             if w is not None:
                 lines.append(f"torch.compile of {m['model']} (batch {m['batch_per_process']}): the {m['warmup']} "
-                             f"warm-up steps took {w:.0f} s.")
+                             f"warm-up steps took {w:.0f} s"
+                             f"{cache.get(m['paths']['compiled'].get('compile_cache'), '')}.")
         lines += [""] + _conv_breakdown(t) + _loss_curves(t) + [""]
 
     if "partial_fc" in result:
