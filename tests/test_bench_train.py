@@ -241,3 +241,21 @@ def test_the_compiled_path_is_timed_with_torch_compiles_caches_empty():
         assert inside != outside
         assert not any(Path(inside).rglob("*")), "the cache the compiled path sees is not empty"
     assert cache_dir() == outside
+
+
+def test_report_says_whether_the_compile_time_was_a_first_runs(tmp_path):
+    results, docs = tmp_path / "results", tmp_path / "docs"
+    results.mkdir()
+    rows = []
+    for model, cache in (("r50", "empty"), ("r18", "as found"), ("mbf", None)):
+        compiled = _path(9.2, "bf16", warmup_seconds_incl_compile=95.0, **({"compile_cache": cache} if cache else {}))
+        paths = {"reference": _path(3.0, "fp32"), "compiled": compiled}
+        bench_train._add_ratios(paths)
+        rows.append({"model": model, "batch_per_process": 32, "world_size": 1, "warmup": 2, "paths": paths})
+    (results / "cpu.json").write_text(json.dumps({"train": {"models": rows, "num_classes": 10_000, "steps": 4,
+                                                            "warmup": 2}, "machine": {"date": "d", "cpu_cores": 2}}))
+    md = report.render(results, docs).read_text()
+    assert ("torch.compile of r50 (batch 32): the 2 warm-up steps took 95 s (inductor's caches empty, as on a "
+            "first compile=True run).") in md
+    assert "torch.compile of r18 (batch 32): the 2 warm-up steps took 95 s (inductor's caches as found" in md
+    assert "torch.compile of mbf (batch 32): the 2 warm-up steps took 95 s." in md  # files from before the field
