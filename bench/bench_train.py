@@ -271,7 +271,7 @@ def mfu_peak(device, precision: str) -> tuple[float, str] | None:
     if device.type != "cpu":
         return None
     if precision not in _MEASURED_PEAK:
-        _MEASURED_PEAK[precision] = measured_peak_flops(getattr(torch, _PEAK_DTYPES[precision]), device)
+        _MEASURED_PEAK[precision] = measured_peak_flops(getattr(torch, _PEAK_DTYPES[precision]), device, precision)
     return _MEASURED_PEAK[precision]
 
 

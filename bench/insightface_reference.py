@@ -291,21 +291,10 @@ def peak_flops(device_name: str) -> tuple[float, str] | None:
 
 def _fastest_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     """The fastest of `repeats` timed calls of `run`, after one untimed call."""
-    import time
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    from bench.common import timed
 
     run()
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(timed(run, device) for _ in range(repeats))
 
 
 def measured_matmul_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
@@ -325,8 +314,6 @@ CEILING_CONV = dict(batch=32, channels=256, size=14, kernel=3)
 def measured_conv_flops(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", *,
                         repeats: int = 3) -> float:
     """FLOP/s of the fastest of `repeats` forward calls of the CEILING_CONV convolution in `dtype`."""
-    import torch.nn.functional as F
-
     device = torch.device(device)
     n, c, hw, k = (CEILING_CONV[key] for key in ("batch", "channels", "size", "kernel"))
     g = torch.Generator().manual_seed(0)
@@ -336,18 +323,18 @@ def measured_conv_flops(dtype: torch.dtype = torch.float32, device: torch.device
     return flops / _fastest_seconds(lambda: F.conv2d(x, w, padding=k // 2), device, repeats)
 
 
-def measured_peak_flops(dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu") -> tuple[float, str]:
-    """(FLOP/s, what it is): a measured ceiling for devices without a datasheet peak (CPUs),
-    as MFU's denominator -- the faster of a [2048 x 2048] matmul and the CEILING_CONV
-    convolution in `dtype`. Other load on the machine only lowers it.
+def measured_peak_flops(dtype: torch.dtype, device: torch.device | str,
+                        name: str) -> tuple[float, str]:
+    """(FLOP/s, what it is, `name` being the dtype's short name): a measured ceiling for
+    devices without a datasheet peak (CPUs), as MFU's denominator -- the faster of a
+    [2048 x 2048] matmul and the CEILING_CONV convolution in `dtype`. Other load on the
+    machine only lowers it.
 
     Both, because they run on different libraries: torch.mm in float32 calls MKL's sgemm, and
     on a CPU that is not Intel's MKL takes a slower code path (a 2-core AMD EPYC, Zen 5,
-    2026-12-02: 180 GFLOP/s, where oneDNN's convolutions reached 480 on the same cores), while
-    the steps' FLOPs are mostly convolutions, which oneDNN runs; a matmul alone put the r50
-    fp32 step at 131% there."""
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    2026-12-02: 166-192 GFLOP/s, where oneDNN's convolutions reached 424-480 on the same
+    cores), while the steps' FLOPs are mostly convolutions, which oneDNN runs; a matmul alone
+    put the r50 fp32 step at 131% there."""
     matmul = measured_matmul_flops(dtype, device)
     conv = measured_conv_flops(dtype, device)
     peak = max(matmul, conv)

@@ -288,6 +288,12 @@ def _loss_curves(train: dict) -> list[str]:
     return lines
 
 
+# What the compiled path's warm-up time is, by the state of torch.compile's caches it ran with
+# (bench_train._cold_compile_cache); files from before the field say nothing.
+_COMPILE_CACHE = {"empty": " (inductor's caches empty, as on a first compile=True run)",
+                  "as found": " (inductor's caches as found: a rerun's time, shorter than a first run's)"}
+
+
 def render_device(kind: str, result: dict, target: Path) -> list[str]:
     info = result.get("machine", {})
     failed = {k: v["error"] for k, v in result.items() if isinstance(v, dict) and "error" in v}
@@ -342,12 +348,10 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
         compiled = [m for m in t["models"] if "compiled" in m["paths"]]
         for m in compiled:
             w = m["paths"]["compiled"].get("warmup_seconds_incl_compile")
-            cache = {"empty": " (inductor's caches empty, as on a first compile=True run)",
-                     "as found": " (inductor's caches as found: a rerun's time, shorter than a first run's)"}
             if w is not None:
                 lines.append(f"torch.compile of {m['model']} (batch {m['batch_per_process']}): the {m['warmup']} "
                              f"warm-up steps took {w:.0f} s"
-                             f"{cache.get(m['paths']['compiled'].get('compile_cache'), '')}.")
+                             f"{_COMPILE_CACHE.get(m['paths']['compiled'].get('compile_cache'), '')}.")
         lines += [""] + _conv_breakdown(t) + _loss_curves(t) + [""]
 
     if "partial_fc" in result:
