@@ -65,10 +65,11 @@ demo: setup
 bench: setup
 	$(PY) bench/run_all.py
 
-# The same suite with torch's and oneDNN's kernels held to AVX2 (on an AVX512/AMX machine):
+# The same suite with torch's, oneDNN's and MKL's kernels held to AVX2 (on an AVX512/AMX machine):
 # the code paths of an AVX2-only CPU, written to docs/bench_results/cpu_avx2.json.
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 bench-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PY) bench/run_all.py
+	$(AVX2_ONLY) $(PY) bench/run_all.py
 
 clean:
 	rm -rf work_dirs .pytest_cache

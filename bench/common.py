@@ -184,10 +184,13 @@ def cpu_matrix_units() -> str:
     return " ".join(found) if found else "none of amx/avx512"
 
 
-# The variables that hold torch's and oneDNN's kernels to a smaller instruction set. Set on
-# an AVX512/AMX machine, they give the code paths an AVX2-only CPU takes (`make bench-avx2`):
-# vectorised kernels, oneDNN's convolutions and matmuls, and precision=auto's choice (fp32).
-ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+# The variables that hold torch's, oneDNN's and MKL's kernels to a smaller instruction set. Set
+# on an AVX512/AMX machine, they give the code paths an AVX2-only CPU takes (`make bench-avx2`):
+# vectorised kernels, oneDNN's convolutions and bf16 matmuls, and precision=auto's choice (fp32).
+# MKL_ENABLE_INSTRUCTIONS because torch's fp32 matmuls (linear layers, the PartialFC logits) are
+# MKL's sgemm, not oneDNN's: without it an Intel host runs them with AVX512 (MKL_VERBOSE=1 names
+# the code path; on AMD, MKL takes its generic path whatever the setting).
+ISA_LIMITS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def isa_limits() -> dict[str, str]:
