@@ -335,8 +335,9 @@ def render_device(kind: str, result: dict, target: Path) -> list[str]:
             "torch.utils.flop_counter.FlopCounterMode on a warm-up step of an eager path (matmuls and convolutions, "
             "forward and backward, a multiply-add = 2 FLOPs; the same count for every path), divided by the "
             "path's fastest step time and by a peak: on a GPU its datasheet's dense fp16/bf16 tensor-core peak "
-            "(the same for every path), on a CPU the fastest large matmul measured in the path's own dtype "
-            "(a CPU has no datasheet figure); the line under the tables names it.",
+            "(the same for every path), on a CPU the faster of a large (2048x2048) matmul and a 3x3 convolution "
+            "measured in the path's own dtype (a CPU has no datasheet figure; sections measured before 2026-12-02 "
+            "used the matmul alone); the line under the tables names it.",
             "",
             bench_train.format_table(t),
             "",

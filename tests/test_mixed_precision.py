@@ -97,3 +97,32 @@ def test_low_precision_head_gradients_stay_close_to_fp32(sample_rate, batch):
     for a, b in zip(grads32, grads16):
         assert (a - b).norm() / a.norm() < 0.02
 
+
+
+def _auto_precision(**env_overrides) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    code = "import torch; from utils.amp import resolve_precision; print(resolve_precision('auto', False, torch.device('cpu')).name)"
+    return subprocess.run([sys.executable, "-c", code], env={**env, **env_overrides}, capture_output=True, text=True,
+                          check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1])).stdout.strip()
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units():
+    # Read from /proc/cpuinfo here, from cpuid in utils.amp. An AVX512 CPU without AVX512-BF16
+    # (Skylake-X to Ice Lake, or a VM that hides the bf16 flags) emulates bf16 and runs slower in
+    # it: oneDNN's own "bf16 supported" says yes there, and auto chose bf16 until 2026-12-03.
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    has_units = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert _auto_precision() == ("bf16" if has_units else "fp32")
+    # oneDNN held below its bf16 instructions is a CPU without them, whatever the CPU has.
+    assert _auto_precision(ONEDNN_MAX_CPU_ISA="AVX512_CORE") == "fp32"
+    assert _auto_precision(ONEDNN_MAX_CPU_ISA="AVX2") == "fp32"
+    if has_units:
+        assert _auto_precision(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == "bf16"

@@ -3,6 +3,7 @@ which low-precision dtype a device gets (the backbones' own `fp16=True` autocast
 `low_precision_dtype` here; the PartialFC head receives the run's dtype)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,20 +27,40 @@ def low_precision_dtype(device_type: str) -> torch.dtype:
     return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
+# oneDNN ISA names (ONEDNN_MAX_CPU_ISA) at or above the first one with bf16 dot products.
+_BF16_ISA_WORDS = ("BF16", "FP16", "AMX", "AVX10", "ALL")
+
+
+def _cpu_has_bf16_units() -> bool:
+    """AVX512-BF16 or AMX tiles, as the CPU reports them, and oneDNN not held below them.
+
+    oneDNN's own `_is_mkldnn_bf16_supported` is no test of speed: it says yes from AVX512F on
+    (Skylake-X, Cascade Lake, Ice Lake), where bf16 is emulated -- measured on such a 2-core
+    Xeon: mbf_small's step 1.5x and r50's 2.9x slower under bf16 autocast than in fp32.
+    """
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if not any(probe is not None and probe() for probe in probes):
+        return False
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if limit and not any(word in limit for word in _BF16_ISA_WORDS):
+        return False  # held below its bf16 instructions (`make bench-avx2`, ONEDNN_MAX_CPU_ISA=AVX512_CORE)
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False  # torch built without oneDNN: no fast bf16 convolutions either
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """Whether bfloat16 matrix units make autocast pay off on this device.
 
     CPUs without AMX / AVX512-BF16 emulate bf16 and run it several times slower than
-    fp32 (measured: 5x slower convolutions on an AVX2-only EPYC), so it is only chosen
-    where oneDNN reports native support.
+    fp32 (measured: 5x slower convolutions on an AVX2-only EPYC, 1.5-2.9x slower steps on
+    an AVX512 Xeon without bf16 units), so it is only chosen where the CPU has those units.
     """
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
+        return _cpu_has_bf16_units()
     return False
 
 
