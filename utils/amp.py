@@ -4,6 +4,7 @@ which low-precision dtype a device gets (the backbones' own `fp16=True` autocast
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ def low_precision_dtype(device_type: str) -> torch.dtype:
     return torch.float16 if device_type == "cuda" else torch.bfloat16
 
 
-# oneDNN ISA names (ONEDNN_MAX_CPU_ISA) at or above the first one with bf16 dot products.
+# oneDNN's x86 ISA names (ONEDNN_MAX_CPU_ISA) at or above the first one with bf16 dot products.
 _BF16_ISA_WORDS = ("BF16", "FP16", "AMX", "AVX10", "ALL")
 
 
@@ -38,12 +39,15 @@ def _cpu_has_bf16_units() -> bool:
     (Skylake-X, Cascade Lake, Ice Lake), where bf16 is emulated -- measured on such a 2-core
     Xeon: mbf_small's step 1.5x and r50's 2.9x slower under bf16 autocast than in fp32.
     """
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if not any(probe is not None and probe() for probe in probes):
-        return False
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    if limit and not any(word in limit for word in _BF16_ISA_WORDS):
-        return False  # held below its bf16 instructions (`make bench-avx2`, ONEDNN_MAX_CPU_ISA=AVX512_CORE)
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if not any(probe is not None and probe() for probe in probes):
+            return False
+        limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+        if limit and not any(word in limit for word in _BF16_ISA_WORDS):
+            return False  # held below its bf16 instructions (`make bench-avx2`, ONEDNN_MAX_CPU_ISA=AVX512_CORE)
+    # Elsewhere (aarch64: oneDNN through Arm Compute Library) oneDNN's answer stands; only x86's was
+    # seen to be wrong.
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
