@@ -199,8 +199,9 @@ def isa_limits() -> dict[str, str]:
 
 def _amx_usable() -> bool:
     """The CPU has AMX's bf16 tiles and oneDNN is not held below them (ONEDNN_MAX_CPU_ISA)."""
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-    return "amx_bf16" in cpu_matrix_units().split() and (not limit or "AMX" in limit or limit == "ALL")
+    from utils.amp import onednn_isa_allows
+
+    return "amx_bf16" in cpu_matrix_units().split() and onednn_isa_allows("AMX")
 
 
 def cpu_kind() -> str:

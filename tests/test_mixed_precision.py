@@ -103,23 +103,25 @@ def _auto_precision(**env_overrides) -> str:
     import os
     import subprocess
     import sys
+    from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
-    code = "import torch; from utils.amp import resolve_precision; print(resolve_precision('auto', False, torch.device('cpu')).name)"
+    code = ("import torch; from utils.amp import resolve_precision; "
+            "print(resolve_precision('auto', False, torch.device('cpu')).name)")
     return subprocess.run([sys.executable, "-c", code], env={**env, **env_overrides}, capture_output=True, text=True,
-                          check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1])).stdout.strip()
+                          check=True, cwd=Path(__file__).parents[1]).stdout.strip()
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_bf16_units():
-    # Read from /proc/cpuinfo here, from cpuid in utils.amp. An AVX512 CPU without AVX512-BF16
-    # (Skylake-X to Ice Lake, or a VM that hides the bf16 flags) emulates bf16 and runs slower in
-    # it: oneDNN's own "bf16 supported" says yes there, and auto chose bf16 until 2026-12-03.
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line.split(":", 1)[1].split() for line in f if line.startswith("flags"))
-    except (OSError, StopIteration):
+    # The CPU's flags read from /proc/cpuinfo here, from cpuid in utils.amp. An AVX512 CPU without
+    # AVX512-BF16 (Skylake-X to Ice Lake, or a VM that hides the bf16 flags) emulates bf16 and runs
+    # slower in it: oneDNN's own "bf16 supported" says yes there, and auto chose bf16 until 2026-12-03.
+    from bench.common import cpu_matrix_units
+
+    units = cpu_matrix_units()
+    if units == "unknown":
         pytest.skip("no /proc/cpuinfo")
-    has_units = "avx512_bf16" in flags or "amx_bf16" in flags
+    has_units = bool({"avx512_bf16", "amx_bf16"} & set(units.split()))
     assert _auto_precision() == ("bf16" if has_units else "fp32")
     # oneDNN held below its bf16 instructions is a CPU without them, whatever the CPU has.
     assert _auto_precision(ONEDNN_MAX_CPU_ISA="AVX512_CORE") == "fp32"

@@ -29,7 +29,14 @@ def low_precision_dtype(device_type: str) -> torch.dtype:
 
 
 # oneDNN's x86 ISA names (ONEDNN_MAX_CPU_ISA) at or above the first one with bf16 dot products.
-_BF16_ISA_WORDS = ("BF16", "FP16", "AMX", "AVX10", "ALL")
+_BF16_ISA_WORDS = ("BF16", "FP16", "AMX", "AVX10")
+
+
+def onednn_isa_allows(*words: str) -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA, if set, names an instruction set with one of these words in it
+    (e.g. "AMX"): the one reading of that limit for precision=auto and the benchmarks' CPU kinds."""
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    return not limit or limit == "ALL" or any(word in limit for word in words)
 
 
 def _cpu_has_bf16_units() -> bool:
@@ -43,8 +50,7 @@ def _cpu_has_bf16_units() -> bool:
         probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
         if not any(probe is not None and probe() for probe in probes):
             return False
-        limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
-        if limit and not any(word in limit for word in _BF16_ISA_WORDS):
+        if not onednn_isa_allows(*_BF16_ISA_WORDS):
             return False  # held below its bf16 instructions (`make bench-avx2`, ONEDNN_MAX_CPU_ISA=AVX512_CORE)
     # Elsewhere (aarch64: oneDNN through Arm Compute Library) oneDNN's answer stands; only x86's was
     # seen to be wrong.
