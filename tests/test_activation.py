@@ -1,5 +1,6 @@
 """backbones.activation.PReLU: nn.PReLU's values and gradients from the faster CPU backward."""
 import io
+import threading
 
 import onnx
 import pytest
@@ -40,6 +41,64 @@ def test_gradients_pass_gradcheck_in_float64(shape, memory_format):
     x.requires_grad_(True)
     weight = torch.linspace(-0.5, 0.9, shape[1], dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(_PReLUFunction.apply, (x, weight))
+
+
+@pytest.mark.parametrize("shape,channels", [((3, 4, 5, 5), 4), ((3, 4), 1)])
+def test_second_derivatives_pass_gradgradcheck(shape, channels):
+    # backward(create_graph=True) must build a differentiable graph (the fast path is in place).
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    weight = torch.linspace(-0.5, 0.9, channels, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(_PReLUFunction.apply, (x, weight))
+
+
+def test_gradients_already_returned_survive_later_backwards_through_other_shapes():
+    # The backward reuses one buffer for its temporary: no gradient it hands out may live in it.
+    layers = [_pair(channels) for channels in (8, 16, 8)]
+    inputs = [torch.randn(2, 8, 9, 9), torch.randn(4, 16, 12, 12).contiguous(memory_format=torch.channels_last),
+              torch.randn(3, 8, 5, 5)]
+    kept = []
+    for (ours, stock), x in zip(layers, inputs):
+        g = torch.randn_like(x)
+        _, gx_ours, gw_ours = _grads(ours, x, g)
+        _, gx_stock, gw_stock = _grads(stock, x, g)
+        kept.append((gx_ours, gw_ours, gx_ours.clone(), gw_ours.clone()))
+        torch.testing.assert_close(gx_ours, gx_stock)
+        torch.testing.assert_close(gw_ours, gw_stock)
+    for gx, gw, gx_then, gw_then in kept:
+        assert torch.equal(gx, gx_then) and torch.equal(gw, gw_then)
+
+
+def test_backwards_on_two_threads_at_once_get_their_own_gradients():
+    ours, stock = _pair(16)
+    cases = [(torch.randn(8, 16, 20, 20), torch.randn(8, 16, 20, 20)) for _ in range(2)]
+    expected = []
+    for x, g in cases:
+        stock.weight.grad = None
+        expected.append(_grads(stock, x, g)[1:])
+    barrier = threading.Barrier(2)
+    results, errors = [None, None], []
+
+    def run(index):
+        try:
+            x, g = cases[index]
+            module = PReLU(16)
+            module.load_state_dict(ours.state_dict())
+            for _ in range(20):  # many rounds, so that the two threads' backwards overlap
+                barrier.wait()
+                module.weight.grad = None
+                results[index] = _grads(module, x, g)[1:]
+                torch.testing.assert_close(results[index][0], expected[index][0])
+                torch.testing.assert_close(results[index][1], expected[index][1])
+        except BaseException as error:  # reported on the main thread below
+            errors.append(error)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
 
 
 def test_one_shared_slope_gets_the_whole_sum():
