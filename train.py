@@ -115,8 +115,9 @@ def _run(cfg, ctx, logger, loader, state, distill, precision: Precision, tracker
     from training.guard import NonFiniteGuard
     from training.progress import ProgressReport, TrackerSink
     from training.step import TrainStep
+    from utils.torch_compile import compile_module
 
-    model = torch.compile(state.backbone) if cfg.compile else state.backbone
+    model = compile_module(state.backbone) if cfg.compile else state.backbone
     if ctx.is_distributed:
         # DDP broadcasts rank 0's weights now, so only rank 0 needs to load them on resume.
         model = wrap_ddp(model, ctx)

@@ -123,6 +123,7 @@ class _Path:
         from losses.optim import build_optimizer
         from training.guard import NonFiniteGuard
         from training.step import TrainStep, trainable_parameters
+        from utils.torch_compile import compile_module
 
         fast = kind != "reference"
         precision = default_precision(device) if fast else None
@@ -141,7 +142,7 @@ class _Path:
             rank=ctx.rank, world_size=ctx.world_size, check_labels=not (fast and device.type == "cuda"),
         ).to(device)
         self._copy_centres(head_weight)
-        self.model = self._wrap(torch.compile(self.backbone) if kind == "compiled" else self.backbone)
+        self.model = self._wrap(compile_module(self.backbone) if kind == "compiled" else self.backbone)
         if not fast:
             self.optimizer = torch.optim.SGD(
                 [{"params": self.backbone.parameters()}, {"params": self.head.parameters()}],
