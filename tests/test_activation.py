@@ -172,3 +172,44 @@ def test_the_state_dict_is_nn_prelus():
     ours, stock = _pair(5)
     assert list(ours.state_dict()) == list(stock.state_dict()) == ["weight"]
     stock.load_state_dict(ours.state_dict())
+
+
+# ---- two gloo ranks: DDP over the CPU backward -----------------------------------------------
+
+def _prelu_stack(prelu=PReLU):
+    """Two PReLUs of different widths around a convolution (no BatchNorm: its statistics are per
+    rank), so that the backward's reused buffer serves two shapes in one step."""
+    torch.manual_seed(5)
+    stack = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), prelu(8),
+                          nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), prelu(16), nn.Flatten())
+    with torch.no_grad():
+        for module in stack:
+            if isinstance(module, nn.PReLU):
+                module.weight.copy_(torch.linspace(-0.4, 0.6, module.num_parameters))
+    return stack
+
+
+def _prelu_global_batch():
+    generator = torch.Generator().manual_seed(6)
+    return torch.randn(8, 3, 10, 10, generator=generator).contiguous(memory_format=torch.channels_last)
+
+
+def _prelu_step_on_rank(ctx):
+    from utils.distributed import wrap_ddp
+
+    model = wrap_ddp(_prelu_stack(), ctx)
+    x = _prelu_global_batch()[ctx.rank * 4:(ctx.rank + 1) * 4]
+    out = model(x)
+    out.square().mean().backward()
+    return {k.removeprefix("module."): p.grad for k, p in model.named_parameters()}
+
+
+def test_two_gloo_ranks_give_the_global_batch_gradient_of_nn_prelu():
+    from helpers import run_distributed
+
+    results = run_distributed(_prelu_step_on_rank, 2)
+    model = _prelu_stack(nn.PReLU)  # one process, the global batch, torch's own PReLU
+    model(_prelu_global_batch()).square().mean().backward()
+    for grads in results:  # DDP's average of the two halves' gradients is the global batch's
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
