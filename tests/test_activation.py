@@ -146,6 +146,23 @@ def test_under_bfloat16_autocast_it_keeps_autocasts_dtypes_and_nn_prelus_gradien
     torch.testing.assert_close(gw_ours, gw_stock, rtol=0, atol=1e-2 * scale)
 
 
+def test_the_bfloat16_slope_gradient_is_accumulated_in_float32():
+    # The backward sums the slope's bf16 products in bf16 and relies on ATen's CPU reduction
+    # accumulating them in float32: a bf16 accumulator stops growing at 256 when adding ones
+    # (256 + 1 rounds back to 256), and rounds a sum of 1.0078125 (1 + 2^-7) terms at each step.
+    module = PReLU(2)
+    with torch.no_grad():
+        module.weight.fill_(0.5)
+    x = torch.full((64, 2, 32, 32), -1.0078125)  # every element on the negative side
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = module(x)
+    y.backward(torch.ones_like(y))  # the slope's gradient is the sum of x: -1.0078125 * 65536
+    exact = -1.0078125 * x[:, 0].numel()
+    assert module.weight.grad.dtype == torch.float32
+    # One rounding of the result to bfloat16 (8 significant bits), no more.
+    torch.testing.assert_close(module.weight.grad, torch.full((2,), exact), rtol=2 ** -8, atol=0)
+
+
 def test_only_the_input_or_only_the_slope_may_need_a_gradient():
     ours, stock = _pair(6)
     x = torch.randn(2, 6, 3, 3)
