@@ -17,6 +17,10 @@ most of what remained was the cost of fresh memory (see `_scratch`). On the same
 bf16 7.9 -> 5.4 ms (ATen's kernel: 22 ms); MobileFaceNet's (mbf_small) whole training step at
 batch 32: 0.94x the time in fp32, 0.92x with bf16 autocast.
 
+With bf16 autocast the slope's float32 sum is staged through a reused block too (see
+`_sum_in_float32`); steps interleaved one by one in one process (2-core Xeon with AMX, bf16,
+medians): mbf_small 0.97x the time at batch 32, 0.90x at 64, 0.82x at 128; r50 0.975x at 32.
+
 CUDA keeps ATen's kernel, which is one fused pass there; so do graphs traced for export.
 """
 from __future__ import annotations
@@ -51,17 +55,12 @@ class _PReLUFunction(torch.autograd.Function):
         else:
             slope = weight.to(x.dtype).reshape([])
             reduce_dims = list(range(x.dim()))
-        # The slope's gradient is summed in x's dtype: ATen's CPU reductions accumulate bf16 and
-        # fp16 in float32 and round only the per-channel result (tests/test_activation.py holds
-        # torch to that), which is also the precision of nn.PReLU's gradient under autocast.
-        # Asking for a float32 result instead (sum(dtype=torch.float32)) first copies the whole
-        # bf16 tensor to a new float32 one: 15 ms against 1.1 ms on a 32x128x56x56 activation
-        # (2-core Xeon with AMX), and a quarter of mbf_small's bf16 step in the profile.
         if torch.is_grad_enabled():
             # backward(create_graph=True): the in-place steps below are not differentiable;
             # ATen's kernel is, and it returns the slope's gradient before the sum.
             grad_input, grad_weight = torch.ops.aten._prelu_kernel_backward(grad_output, x, slope)
-            grad_weight = grad_weight.sum(reduce_dims)
+            sum_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16's products summed in fp32
+            grad_weight = grad_weight.sum(reduce_dims, dtype=sum_dtype)
         else:
             through = torch.ops.aten.threshold_backward(grad_output, x, 0)  # the gradient where x > 0
             # Where x <= 0. A graph being compiled gets a tensor of its own: the compiler plans memory.
@@ -69,7 +68,7 @@ class _PReLUFunction(torch.autograd.Function):
             negative_side = torch.sub(grad_output, through, out=scratch)
             grad_input = through.addcmul_(negative_side, slope)
             # The slope's gradient sums x * grad over the negative side.
-            grad_weight = negative_side.mul_(x).sum(reduce_dims)
+            grad_weight = _sum_in_float32(negative_side.mul_(x), reduce_dims)
         return grad_input.to(ctx.input_dtype), grad_weight.to(weight.dtype).view_as(weight)
 
 
@@ -82,19 +81,61 @@ class _PReLUFunction(torch.autograd.Function):
 # 0.3 ms where the same product into a new tensor took 3.3 ms. Thread-local because each thread
 # that runs a backward (the CPU autograd engine runs it on the caller's) needs its own. It keeps
 # the largest PReLU input seen for the life of the thread: 51 MB for mbf_small at batch 32 in
-# fp32, 205 MB for r50 at batch 128 in bf16, against gigabytes of activations in that step.
+# fp32, 205 MB for r50 at batch 128 in bf16, against gigabytes of activations in that step;
+# with bf16 or fp16 also one float32 staging block of at most 16 MB.
 _scratch = threading.local()
+
+
+def _scratch_buffer(purpose: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """This thread's reused 1-D buffer for `purpose`, at least `numel` elements of `dtype`."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((purpose, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[(purpose, dtype)] = torch.empty(numel, dtype=dtype)
+    return buffer
 
 
 def _scratch_like(tensor: torch.Tensor) -> torch.Tensor:
     """An uninitialised tensor with `tensor`'s shape, dtype and strides, on reused memory."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    buffer = buffers.get(tensor.dtype)
-    if buffer is None or buffer.numel() < tensor.numel():
-        buffer = buffers[tensor.dtype] = torch.empty(tensor.numel(), dtype=tensor.dtype)
+    buffer = _scratch_buffer("negative_side", tensor.dtype, tensor.numel())
     # threshold_backward's result is dense (contiguous or channels_last), so its strides
     # address exactly numel() elements from the start of the buffer.
     return buffer.as_strided(tensor.shape, tensor.stride())
+
+
+# The float32 staging block of _sum_in_float32: at most this many elements (16 MB).
+STAGING_ELEMENTS = 1 << 22
+
+
+def _sum_in_float32(products: torch.Tensor, reduce_dims: list[int]) -> torch.Tensor:
+    """products.sum(reduce_dims, dtype=float32) for any float dtype, without its cost on CPU.
+
+    For bf16 (and fp16) `sum(dtype=torch.float32)` first copies the whole tensor into a new
+    float32 one, and a new tensor of more than 32 MB is fresh memory from the kernel every
+    time (glibc's largest mmap threshold): 15 ms for a 32x128x56x56 bf16 activation where
+    the sum itself takes 1.1 ms (2-core Xeon with AMX). Summing in bf16 instead (ATen
+    accumulates in float32 but rounds each channel's result to bf16) was tried: the demo's four
+    seeds ended at 97.60 / 97.70 / 98.10 / 97.40% against 98.00 / 97.90 / 97.90 / 97.90% with the
+    whole-tensor float32 sum, not a resolved difference, but not the same gradient either. So
+    the products are staged into a reused float32 block, a few samples at a time (dim 0 is
+    always reduced), and summed there in float32: 3.9 ms on that activation; the demo 97.40 /
+    97.90 / 97.90 / 97.90%. float32 and float64 products are summed as they are.
+    """
+    if products.dtype in (torch.float32, torch.float64) or torch.compiler.is_compiling():
+        return products.sum(reduce_dims, dtype=torch.promote_types(products.dtype, torch.float32))
+    if products.numel() <= STAGING_ELEMENTS:
+        return products.sum(reduce_dims, dtype=torch.float32)  # small: its float32 copy is cheap
+    per_sample = products[0].numel()  # numel > 0 here, so dim 0 exists and is not empty
+    samples = max(1, STAGING_ELEMENTS // per_sample)
+    buffer = _scratch_buffer("float32_staging", torch.float32, samples * per_sample)
+    total = None
+    for block in products.split(samples):
+        # A block of whole samples of a dense (contiguous or channels_last) tensor is dense too.
+        staged = buffer[: block.numel()].as_strided(block.shape, block.stride())
+        staged.copy_(block)
+        partial = staged.sum(reduce_dims)
+        total = partial if total is None else total.add_(partial)
+    return total
 
 
 class PReLU(nn.PReLU):

@@ -146,21 +146,41 @@ def test_under_bfloat16_autocast_it_keeps_autocasts_dtypes_and_nn_prelus_gradien
     torch.testing.assert_close(gw_ours, gw_stock, rtol=0, atol=1e-2 * scale)
 
 
-def test_the_bfloat16_slope_gradient_is_accumulated_in_float32():
-    # The backward sums the slope's bf16 products in bf16 and relies on ATen's CPU reduction
-    # accumulating them in float32: a bf16 accumulator stops growing at 256 when adding ones
-    # (256 + 1 rounds back to 256), and rounds a sum of 1.0078125 (1 + 2^-7) terms at each step.
-    module = PReLU(2)
-    with torch.no_grad():
-        module.weight.fill_(0.5)
-    x = torch.full((64, 2, 32, 32), -1.0078125)  # every element on the negative side
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_a_large_bfloat16_slope_gradient_is_summed_in_float32(memory_format):
+    # Above STAGING_ELEMENTS the bf16 products are summed block by block in a reused float32
+    # buffer. Every element is on the negative side with x = -(1 + 2^-7) and a gradient of 1,
+    # so each channel's exact sum is -(1 + 2^-7) * N*H*W: a float32 sum gets it to float32's
+    # precision; a bf16 accumulator stops growing at 256, and even one bf16 rounding of a
+    # channel's result moves it by up to 2^-9 of itself.
+    from backbones.activation import STAGING_ELEMENTS
+
+    batch, channels, height, width = 70, 3, 256, 256  # blocks of 21 samples, the last of 7
+    assert batch * channels * height * width > 3 * STAGING_ELEMENTS
+    module = PReLU(channels)
+    x = torch.full((batch, channels, height, width), -1.0078125).contiguous(memory_format=memory_format)
+    x[:, 1] *= 2.0  # channels with different sums, to catch a mixed-up channel order
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = module(x)
-    y.backward(torch.ones_like(y))  # the slope's gradient is the sum of x: -1.0078125 * 65536
-    exact = -1.0078125 * x[:, 0].numel()
+    y.backward(torch.ones_like(y))
+    exact = x.double().sum((0, 2, 3))
     assert module.weight.grad.dtype == torch.float32
-    # One rounding of the result to bfloat16 (8 significant bits), no more.
-    torch.testing.assert_close(module.weight.grad, torch.full((2,), exact), rtol=2 ** -8, atol=0)
+    torch.testing.assert_close(module.weight.grad.double(), exact, rtol=1e-6, atol=0)
+
+
+def test_a_large_bfloat16_gradient_matches_the_float32_sum_of_its_products():
+    # Random signs and sizes, above the staging size: the same sum as sum(dtype=torch.float32).
+    ours, stock = _pair(8)
+    x = torch.randn(48, 8, 112, 112).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(48, 8, 112, 112, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, gx_ours, gw_ours = _grads(ours, x, g)
+        _, gx_stock, _ = _grads(stock, x, g)
+    x_low = x.bfloat16()
+    products = (g * x_low) * (x_low <= 0)  # rounded to bf16, as the backward's are
+    expected = products.sum((0, 2, 3), dtype=torch.float32)
+    torch.testing.assert_close(gw_ours, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(gx_ours, gx_stock)
 
 
 def test_only_the_input_or_only_the_slope_may_need_a_gradient():
