@@ -183,6 +183,32 @@ def test_a_large_bfloat16_gradient_matches_the_float32_sum_of_its_products():
     torch.testing.assert_close(gx_ours, gx_stock)
 
 
+def test_compiled_with_bfloat16_autocast_it_gives_the_eager_gradients(tmp_path, monkeypatch):
+    # compile=True (train.py, the bench) runs this Function through dynamo and inductor.
+    from utils.torch_compile import compile_module
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache of its own
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), PReLU(8))
+    with torch.no_grad():
+        eager[1].weight.copy_(torch.linspace(-0.4, 0.6, 8))
+    compiled_copy = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), PReLU(8))
+    compiled_copy.load_state_dict(eager.state_dict())
+    compiled = compile_module(compiled_copy)
+    x = torch.randn(4, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for model, params in ((eager, eager), (compiled, compiled_copy)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        grads.append([p.grad for p in params.parameters()])
+    torch._dynamo.reset()
+    for ours, theirs in zip(*grads):
+        assert ours.dtype == theirs.dtype == torch.float32
+        torch.testing.assert_close(theirs, ours, rtol=2e-2, atol=1e-3)
+
+
 def test_only_the_input_or_only_the_slope_may_need_a_gradient():
     ours, stock = _pair(6)
     x = torch.randn(2, 6, 3, 3)
