@@ -103,7 +103,8 @@ def _scratch_like(tensor: torch.Tensor) -> torch.Tensor:
     return buffer.as_strided(tensor.shape, tensor.stride())
 
 
-# The float32 staging block of _sum_in_float32: at most this many elements (16 MB).
+# The float32 staging block of _sum_in_float32: at most this many elements (16 MB), or one
+# sample where a sample is larger.
 STAGING_ELEMENTS = 1 << 22
 
 
@@ -123,9 +124,11 @@ def _sum_in_float32(products: torch.Tensor, reduce_dims: list[int]) -> torch.Ten
     """
     if products.dtype in (torch.float32, torch.float64) or torch.compiler.is_compiling():
         return products.sum(reduce_dims, dtype=torch.promote_types(products.dtype, torch.float32))
-    if products.numel() <= STAGING_ELEMENTS:
-        return products.sum(reduce_dims, dtype=torch.float32)  # small: its float32 copy is cheap
-    per_sample = products[0].numel()  # numel > 0 here, so dim 0 exists and is not empty
+    per_sample = products[0].numel() if products.dim() > 0 else 1
+    if products.numel() <= STAGING_ELEMENTS or products.stride(0) != per_sample:
+        # Small: its float32 copy is cheap. Or dim 0 is not the outermost dense dimension (not
+        # a layout our networks make), so blocks of samples would not be dense.
+        return products.sum(reduce_dims, dtype=torch.float32)
     samples = max(1, STAGING_ELEMENTS // per_sample)
     buffer = _scratch_buffer("float32_staging", torch.float32, samples * per_sample)
     total = None

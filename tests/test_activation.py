@@ -146,8 +146,14 @@ def test_under_bfloat16_autocast_it_keeps_autocasts_dtypes_and_nn_prelus_gradien
     torch.testing.assert_close(gw_ours, gw_stock, rtol=0, atol=1e-2 * scale)
 
 
-@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
-def test_a_large_bfloat16_slope_gradient_is_summed_in_float32(memory_format):
+def _batch_innermost(t):  # dense, but dim 0 has stride 1: blocks of samples are not dense
+    return t.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+
+
+@pytest.mark.parametrize("layout", [
+    lambda t: t.contiguous(memory_format=torch.channels_last), lambda t: t.contiguous(), _batch_innermost,
+], ids=["channels_last", "contiguous", "batch_innermost"])
+def test_a_large_bfloat16_slope_gradient_is_summed_in_float32(layout):
     # Above STAGING_ELEMENTS the bf16 products are summed block by block in a reused float32
     # buffer. Every element is on the negative side with x = -(1 + 2^-7) and a gradient of 1,
     # so each channel's exact sum is -(1 + 2^-7) * N*H*W: a float32 sum gets it to float32's
@@ -158,8 +164,9 @@ def test_a_large_bfloat16_slope_gradient_is_summed_in_float32(memory_format):
     batch, channels, height, width = 70, 3, 256, 256  # blocks of 21 samples, the last of 7
     assert batch * channels * height * width > 3 * STAGING_ELEMENTS
     module = PReLU(channels)
-    x = torch.full((batch, channels, height, width), -1.0078125).contiguous(memory_format=memory_format)
+    x = torch.full((batch, channels, height, width), -1.0078125)
     x[:, 1] *= 2.0  # channels with different sums, to catch a mixed-up channel order
+    x = layout(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = module(x)
     y.backward(torch.ones_like(y))
