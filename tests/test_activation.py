@@ -259,18 +259,19 @@ def _prelu_stack(prelu=PReLU):
     return stack
 
 
-def _prelu_global_batch():
+def _prelu_global_batch(size=10):
     generator = torch.Generator().manual_seed(6)
-    return torch.randn(8, 3, 10, 10, generator=generator).contiguous(memory_format=torch.channels_last)
+    return torch.randn(8, 3, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
 
 
-def _prelu_step_on_rank(ctx):
+def _prelu_step_on_rank(ctx, size=10, bf16=False):
     from utils.distributed import wrap_ddp
 
     model = wrap_ddp(_prelu_stack(), ctx)
-    x = _prelu_global_batch()[ctx.rank * 4:(ctx.rank + 1) * 4]
-    out = model(x)
-    out.square().mean().backward()
+    x = _prelu_global_batch(size)[ctx.rank * 4:(ctx.rank + 1) * 4]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    out.float().square().mean().backward()
     return {k.removeprefix("module."): p.grad for k, p in model.named_parameters()}
 
 
@@ -283,3 +284,20 @@ def test_two_gloo_ranks_give_the_global_batch_gradient_of_nn_prelu():
     for grads in results:  # DDP's average of the two halves' gradients is the global batch's
         for name, p in model.named_parameters():
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_gloo_ranks_with_bf16_and_the_staged_sum_give_the_global_batch_gradient():
+    # 384x384: the first PReLU's input on each rank (4x8x384x384) is above STAGING_ELEMENTS, so
+    # its slope's gradient takes the staged float32 sum; the second's (4x16x192x192) does not.
+    from backbones.activation import STAGING_ELEMENTS
+    from helpers import run_distributed
+
+    assert 4 * 8 * 384 * 384 > STAGING_ELEMENTS > 4 * 16 * 192 * 192
+    results = run_distributed(_prelu_step_on_rank, 2, 384, True)
+    model = _prelu_stack(nn.PReLU)  # one process, the global batch, torch's own PReLU in float32
+    model(_prelu_global_batch(384)).square().mean().backward()
+    for grads in results:
+        for name, p in model.named_parameters():
+            # bf16 activations: within 2% of the gradient's scale of the float32 one.
+            scale = p.grad.abs().max().item()
+            torch.testing.assert_close(grads[name], p.grad, rtol=0, atol=2e-2 * scale, msg=name)
